@@ -1,0 +1,277 @@
+"""The blocking client: :class:`Client`, a context manager around one socket.
+
+Not thread-safe: use one :class:`Client` per thread (connections are cheap).
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _socket
+import time
+from types import TracebackType
+from typing import Any
+
+from hwbkpt._events import Event, WatchInfo
+from hwbkpt._session import (
+    Session,
+    region_results,
+    resolve_socket,
+    unavailable_error,
+    watch_params,
+)
+
+__all__ = ["Client", "Watch"]
+
+_RECV_SIZE = 65536
+
+# Marks "use the client's default timeout" (None means "wait forever").
+_DEFAULT: Any = object()
+
+
+class Watch(WatchInfo):
+    """A watch made by :meth:`Client.watch`; ``count()`` and ``remove()`` call the daemon."""
+
+    def __init__(self, client: Client, result: dict[str, Any], **spec: Any) -> None:
+        super().__init__(result, **spec)
+        self._client = client
+
+    def count(self) -> int:
+        """Hits of this watch since it was installed (``count`` mode)."""
+        return int(self._client.call("count", id=self.id))
+
+    def remove(self) -> None:
+        """Remove the watch (``unwatch``); its slots go to pending watches."""
+        self._client.call("unwatch", id=self.id)
+        self._client._session.forget_watch(self.id)
+        self.state = "removed"
+
+
+class Client:
+    """A blocking connection to hwbkptd.
+
+    ``socket`` defaults to ``$HWBKPT_SOCKET`` or ``/run/hwbkptd/hwbkptd.sock``; ``name``
+    (sent in ``hello``) to the program's name; ``timeout`` is the default limit in seconds
+    for each call (``None``: wait forever). Connects and says ``hello`` on construction.
+
+    Every call raises the exception class the daemon raised (from :mod:`hwbkpt_proto`),
+    :class:`ConnectionLostError` when the daemon goes away (also for a call in flight),
+    and :class:`TimeoutError` when its timeout passes (the connection stays usable).
+    Constructing raises :class:`DaemonUnavailableError` if no daemon answers.
+    """
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        name: str | None = None,
+        timeout: float | None = 30.0,
+    ) -> None:
+        self.socket_path = resolve_socket(socket)
+        self.timeout = timeout
+        self._session = Session()
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.socket_path)
+        except OSError as err:
+            sock.close()
+            raise unavailable_error(self.socket_path, err) from err
+        self._sock: _socket.socket | None = sock
+        try:
+            hello = self._session.hello_params(name)
+            self.server_info: dict[str, Any] = self.call("hello", **hello)
+        except BaseException:
+            self.close()
+            raise
+        self._session.hello_done(self.server_info)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; the daemon releases everything this client held."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._session.connection_lost("the client closed the connection")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _receive(self, deadline: float | None) -> bool:
+        """Read once from the socket into the session; False if the deadline passed."""
+        if self._sock is None:
+            self._session.check_alive()
+            return False
+        if deadline is None:
+            self._sock.settimeout(None)
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._sock.settimeout(remaining)
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except TimeoutError:
+            return False
+        except OSError as err:
+            self._session.connection_lost(f"reading from the socket failed: {err}")
+            return True
+        self._session.receive_data(data)
+        return True
+
+    def _send(self, data: bytes) -> None:
+        self._session.check_alive()
+        assert self._sock is not None
+        try:
+            self._sock.settimeout(None)
+            self._sock.sendall(data)
+        except OSError as err:
+            self._session.connection_lost(f"writing to the socket failed: {err}")
+            raise self._session.lost_error() from err
+
+    def call(self, method: str, /, *, timeout: float | None = _DEFAULT, **params: Any) -> Any:
+        """Call ``method`` with named ``params`` and return its result.
+
+        ``timeout`` (seconds, ``None`` for no limit) defaults to the client's. Raises the
+        daemon's error class, :class:`ConnectionLostError` or :class:`TimeoutError`.
+        """
+        msgid, data = self._session.request(method, params)
+        self._send(data)
+        deadline = self._deadline(self.timeout if timeout is _DEFAULT else timeout)
+        while not self._session.has_result(msgid) and not self._session.lost:
+            if not self._receive(deadline):
+                self._session.abandon(msgid)
+                raise TimeoutError(f"hwbkptd did not answer {method!r} in time")
+        return self._session.take_result(msgid)
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, waiting up to ``timeout`` seconds (``None``: forever).
+
+        Returns ``None`` when the timeout passes. Events that arrived while a call waited
+        for its answer come first, in order. Raises :class:`ConnectionLostError` once the
+        queued events are consumed and the daemon is gone.
+        """
+        deadline = self._deadline(timeout)
+        while True:
+            event = self._session.next_event()
+            if event is not None:
+                return event
+            self._session.check_alive()
+            if not self._receive(deadline):
+                return None
+
+    # -- the daemon's methods -----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's state: clients, targets, slots, counters (see PROTOCOL.md)."""
+        result: dict[str, Any] = self.call("status")
+        return result
+
+    def watch(
+        self,
+        pid: int,
+        addr: int,
+        length: int = 8,
+        access: str = "w",
+        mode: str = "count",
+        tid: int | None = None,
+        priority: int = 0,
+    ) -> Watch:
+        """Watch ``length`` bytes at ``addr`` in process ``pid`` (every thread unless
+        ``tid``) for ``access`` (``x``, ``w``, ``rw``) in ``mode`` (``count``, ``notify``,
+        ``stop``). A watch that gets no slot now is pending and installed when one frees."""
+        spec: dict[str, Any] = {
+            "pid": pid, "addr": addr, "length": length, "access": access, "mode": mode,
+            "tid": tid, "priority": priority,
+        }
+        result = self.call("watch", **watch_params(**spec))
+        watch = Watch(self, result, **spec)
+        self._session.track_watch(watch)
+        return watch
+
+    def watch_region(
+        self,
+        pid: int,
+        addr: int,
+        size: int,
+        access: str = "w",
+        mode: str = "count",
+        tid: int | None = None,
+        priority: int = 0,
+    ) -> list[Watch]:
+        """Watch ``size`` bytes at ``addr`` with as many slots as it takes (gdb's split);
+        all pieces or none."""
+        params = watch_params(pid, addr, size, access, mode, tid, priority)
+        params["size"] = params.pop("length")
+        watches = []
+        for result, piece_addr, piece_length in region_results(
+            self.call("watch_region", **params)
+        ):
+            spec = {"pid": pid, "addr": piece_addr if piece_addr is not None else addr,
+                    "length": piece_length or size, "access": access, "mode": mode,
+                    "tid": tid, "priority": priority}
+            watch = Watch(self, result, **spec)
+            self._session.track_watch(watch)
+            watches.append(watch)
+        return watches
+
+    def watches(self) -> list[dict[str, Any]]:
+        """This client's watches as the daemon sees them."""
+        result: list[dict[str, Any]] = self.call("watches")
+        return result
+
+    def resume(self, tid: int) -> None:
+        """Release this client's hold on stopped thread ``tid``."""
+        self.call("resume", tid=tid)
+
+    def step(self, tid: int) -> None:
+        """Single-step stopped thread ``tid``; the step trap comes back as a ``stop`` event."""
+        self.call("step", tid=tid)
+
+    def interrupt(self, tid: int) -> None:
+        """Stop thread ``tid``; a ``stop`` event follows."""
+        self.call("interrupt", tid=tid)
+
+    def get_regs(self, tid: int) -> dict[str, int]:
+        """The registers of stopped thread ``tid`` (``struct user_regs_struct`` names)."""
+        result: dict[str, int] = self.call("get_regs", tid=tid)
+        return result
+
+    def set_regs(self, tid: int, regs: dict[str, int]) -> None:
+        """Change registers of stopped thread ``tid`` (only the names given)."""
+        self.call("set_regs", tid=tid, regs=regs)
+
+    def read_memory(self, pid: int, addr: int, size: int) -> bytes:
+        """``size`` bytes at ``addr`` in process ``pid``."""
+        return bytes(self.call("read_memory", pid=pid, addr=addr, size=size))
+
+    def write_memory(self, pid: int, addr: int, data: bytes) -> None:
+        """Write ``data`` at ``addr`` in process ``pid``."""
+        self.call("write_memory", pid=pid, addr=addr, data=bytes(data))
+
+    def peek_dr(self, tid: int, n: int) -> int:
+        """This client's virtual debug register ``n`` (0-7) of thread ``tid``."""
+        return int(self.call("peek_dr", tid=tid, n=n))
+
+    def poke_dr(self, tid: int, n: int, value: int) -> None:
+        """Write this client's virtual debug register ``n`` of thread ``tid``."""
+        self.call("poke_dr", tid=tid, n=n, value=value)
+
+    def peek_user(self, tid: int, offset: int) -> int:
+        """``PTRACE_PEEKUSER`` on this client's view of thread ``tid``."""
+        return int(self.call("peek_user", tid=tid, offset=offset))
+
+    def poke_user(self, tid: int, offset: int, value: int) -> None:
+        """``PTRACE_POKEUSER`` on this client's view of thread ``tid``."""
+        self.call("poke_user", tid=tid, offset=offset, value=value)

@@ -1,0 +1,279 @@
+"""The client's sans-I/O core, shared by the blocking and the trio client (as in jeepney).
+
+A :class:`Session` turns calls into bytes and received bytes into results and events; it
+never touches a socket. The front ends (:mod:`hwbkpt._blocking`, :mod:`hwbkpt._trio`) own
+the socket, write what :meth:`Session.request` returns and feed what they read to
+:meth:`Session.receive_data`, then ask for the result of their call or the next event.
+
+* msgids are allocated here, and responses are matched to them; a response to a call whose
+  caller gave up (timeout, cancellation) is dropped when it arrives.
+* events are queued in the order they arrived, including those that arrived while the
+  caller was waiting for a response, so none is lost or reordered.
+* when the connection goes away every call still waiting, and every later one, raises
+  :class:`ConnectionLostError` with the reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+from typing import Any
+
+from hwbkpt._events import Event, WatchInfo
+from hwbkpt_proto import (
+    MAX_MSGID,
+    PROTOCOL_VERSION,
+    Connection,
+    ConnectionLostError,
+    HwbkptError,
+    Limits,
+    Notification,
+    ProtocolError,
+    Request,
+    Response,
+    error_from_wire,
+)
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "DaemonUnavailableError",
+    "Session",
+    "default_name",
+    "resolve_socket",
+]
+
+#: Where the daemon listens unless told otherwise (same as ``hwbkptd --socket``'s default).
+DEFAULT_SOCKET = "/run/hwbkptd/hwbkptd.sock"
+
+#: Environment variable that overrides :data:`DEFAULT_SOCKET`.
+SOCKET_ENV = "HWBKPT_SOCKET"
+
+
+class DaemonUnavailableError(ConnectionLostError):
+    """Could not connect to the daemon at all. ``socket`` is the path tried; the ``OSError``
+    is the ``__cause__`` (``FileNotFoundError``/``ConnectionRefusedError``: no daemon;
+    ``PermissionError``: the socket's permissions keep you out)."""
+
+    def __init__(self, message: str, *, socket: str = "") -> None:
+        super().__init__(message)
+        self.socket = socket
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.message,), {"socket": self.socket})
+
+
+def resolve_socket(socket: str | os.PathLike[str] | None) -> str:
+    """The socket path to use: ``socket``, else ``$HWBKPT_SOCKET``, else the default."""
+    if socket is not None:
+        return os.fspath(socket)
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+def default_name() -> str:
+    """The client name sent in ``hello`` by default: the program's name (``argv[0]``)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    return os.path.basename(argv0) or argv0
+
+
+def unavailable_error(path: str, err: OSError) -> DaemonUnavailableError:
+    """The error for a failed connect to ``path``, saying what to do about it."""
+    if isinstance(err, PermissionError):
+        message = (
+            f"permission denied on {path}: the socket is only for root and the group "
+            "'hwbkpt' (mode 0660); add yourself to that group or run as root"
+        )
+    elif isinstance(err, FileNotFoundError | ConnectionRefusedError):
+        message = (
+            f"no hwbkptd is listening on {path}; start it with `make run`, "
+            f"`hwbkptd --socket {path}` or `systemctl start hwbkptd.socket`"
+        )
+    else:
+        message = f"cannot connect to hwbkptd on {path}: {err}"
+    return DaemonUnavailableError(message, socket=path)
+
+
+class Session:
+    """Sans-I/O state of one client connection; see the module docstring."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self._conn = Connection(limits or Limits())
+        self._next_msgid = 1
+        self._waiting: set[int] = set()  # calls whose caller still wants the answer
+        self._responses: dict[int, Response] = {}
+        self._events: collections.deque[Event] = collections.deque()
+        self._watches: dict[int, WatchInfo] = {}
+        self._lost: str | None = None
+        self._disconnect_reason = ""
+        #: the daemon's ``hello`` result, once :meth:`hello_done` has seen it
+        self.server_info: dict[str, Any] = {}
+
+    # -- sending ------------------------------------------------------------------------
+
+    def request(self, method: str, params: dict[str, Any]) -> tuple[int, bytes]:
+        """Start a call: its msgid and the bytes to send.
+
+        Raises :class:`ConnectionLostError` if the connection is gone and
+        :class:`ProtocolError` if the params cannot be encoded.
+        """
+        self.check_alive()
+        msgid = self._next_msgid
+        self._next_msgid = 1 if msgid >= MAX_MSGID else msgid + 1
+        data = self._conn.send(Request(msgid, method, params))
+        self._waiting.add(msgid)
+        return msgid, data
+
+    def hello_params(self, name: str | None) -> dict[str, Any]:
+        """The params of the ``hello`` every connection starts with."""
+        return {"version": PROTOCOL_VERSION, "name": default_name() if name is None else name}
+
+    def hello_done(self, result: dict[str, Any]) -> None:
+        """Record the daemon's answer to ``hello``."""
+        self.server_info = dict(result)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the socket; an empty ``data`` means the daemon hung up.
+
+        Never raises: a malformed stream ends the session (later calls raise
+        :class:`ConnectionLostError` saying why).
+        """
+        if self._lost is not None:
+            return
+        if not data:
+            self.connection_lost("the daemon closed the connection")
+            return
+        try:
+            self._conn.receive_data(data)
+            while (msg := self._conn.next_message()) is not None:
+                if isinstance(msg, Response):
+                    if msg.msgid in self._waiting:
+                        self._responses[msg.msgid] = msg
+                elif isinstance(msg, Notification):
+                    self._on_notification(msg)
+                # A request from the daemon is not part of the protocol: ignore it.
+        except ProtocolError as err:
+            self.connection_lost(f"the daemon sent bytes this client cannot read ({err})")
+
+    def _on_notification(self, msg: Notification) -> None:
+        event = Event(msg.method, msg.params)
+        if msg.method == "disconnected":
+            # The daemon is hanging up on us; say why when the socket closes.
+            self._disconnect_reason = str(msg.params.get("reason", ""))
+        # installed/uninstalled name their watch (``watch``); exec/exit end every watch of
+        # the process (PROTOCOL.md section 7).
+        watch_id = msg.params.get("watch", msg.params.get("id"))
+        if isinstance(watch_id, int) and (watch := self._watches.get(watch_id)) is not None:
+            watch._apply(event)
+        elif msg.method in ("exec", "exit") and isinstance(msg.params.get("pid"), int):
+            for w in self._watches.values():
+                if w.pid == msg.params["pid"]:
+                    w._apply(event)
+        self._events.append(event)
+
+    def connection_lost(self, reason: str) -> None:
+        """The socket is gone (EOF or error): fail every waiting and later call."""
+        if self._lost is None:
+            if self._disconnect_reason:
+                reason = f"the daemon disconnected this client: {self._disconnect_reason}"
+            self._lost = reason
+
+    @property
+    def lost(self) -> bool:
+        """True once the connection is gone."""
+        return self._lost is not None
+
+    def lost_error(self) -> ConnectionLostError:
+        """The exception for a call on (or waiting on) a lost connection."""
+        return ConnectionLostError(
+            f"lost the connection to hwbkptd: {self._lost}; "
+            "the daemon stopped or crashed (check `hwbkpt status` or its log)"
+        )
+
+    def check_alive(self) -> None:
+        """Raise :class:`ConnectionLostError` if the connection is gone."""
+        if self._lost is not None:
+            raise self.lost_error()
+
+    # -- results and events -------------------------------------------------------------
+
+    def has_result(self, msgid: int) -> bool:
+        """True when the answer to ``msgid`` has arrived."""
+        return msgid in self._responses
+
+    def take_result(self, msgid: int) -> Any:
+        """The result of call ``msgid``; raises the daemon's error as its own class.
+
+        Raises :class:`ConnectionLostError` if the answer has not arrived and the connection
+        is gone, :class:`KeyError` if it simply has not arrived yet.
+        """
+        response = self._responses.pop(msgid, None)
+        if response is None:
+            if self._lost is not None:
+                self._waiting.discard(msgid)
+                raise self.lost_error()
+            raise KeyError(msgid)
+        self._waiting.discard(msgid)
+        if response.error is not None:
+            raise error_from_wire(*response.error)
+        return response.result
+
+    def abandon(self, msgid: int) -> None:
+        """The caller of ``msgid`` gave up: drop its answer now or when it arrives."""
+        self._waiting.discard(msgid)
+        self._responses.pop(msgid, None)
+
+    def next_event(self) -> Event | None:
+        """The oldest queued event, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def track_watch(self, watch: WatchInfo) -> None:
+        """Keep ``watch`` updated by the events about it."""
+        self._watches[watch.id] = watch
+
+    def forget_watch(self, watch_id: int) -> None:
+        """Stop tracking a removed watch."""
+        self._watches.pop(watch_id, None)
+
+
+# -- parameters of the wrapped methods (shared by both front ends) --------------------------
+
+
+def watch_params(
+    pid: int,
+    addr: int,
+    length: int,
+    access: str,
+    mode: str,
+    tid: int | None,
+    priority: int,
+) -> dict[str, Any]:
+    """The params of ``watch`` (``tid=None`` means every thread of the process)."""
+    params: dict[str, Any] = {
+        "pid": pid,
+        "addr": addr,
+        "length": length,
+        "access": access,
+        "mode": mode,
+        "priority": priority,
+    }
+    if tid is not None:
+        params["tid"] = tid
+    return params
+
+
+def region_results(result: Any) -> list[tuple[dict[str, Any], int | None, int | None]]:
+    """``(watch result, addr, length)`` per piece of a ``watch_region`` answer
+    (``{ids, pieces: [[addr, length]], watches: [watch results]}``, PROTOCOL.md)."""
+    if isinstance(result, list):
+        result = {"watches": result}
+    if not isinstance(result, dict):
+        raise HwbkptError(f"watch_region answered {type(result).__name__}, expected a map")
+    watches = result.get("watches") or [{"id": i} for i in result.get("ids", [])]
+    pieces = result.get("pieces") or []
+    out = []
+    for i, w in enumerate(watches):
+        addr, length = pieces[i] if i < len(pieces) else (w.get("addr"), w.get("length"))
+        out.append((w, addr, length))
+    return out

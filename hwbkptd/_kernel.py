@@ -1,0 +1,804 @@
+"""The kernel layer: every ptrace, perf_event_open, waitpid and /proc call of the daemon.
+
+Theory of operation
+===================
+
+The daemon *seizes* every thread of a target (``PTRACE_SEIZE`` with :data:`TRACE_OPTIONS`, so
+new threads arrive already traced and stopped, and exec/exit are reported) and realizes each
+physical debug-register slot as one ``perf_event_open(PERF_TYPE_BREAKPOINT)`` event on one
+thread (:class:`BreakpointEvent`). perf events are used instead of ``PTRACE_POKEUSER`` on
+``u_debugreg`` because they die with their fd: a daemon killed by SIGKILL leaves no armed
+debug register behind, whereas POKEUSER breakpoints survive ``PTRACE_DETACH`` and kill the
+ex-tracee with SIGTRAP at its next hit (DESIGN.md §4).
+
+An event is opened in one of three configurations (:class:`hwbkptd._model.Mode`):
+
+* ``COUNT``  - counting only (``sample_period = 0``); :meth:`BreakpointEvent.read_count`.
+* ``NOTIFY`` - one sample (IP, TID, TIME) per hit into an mmapped ring buffer that
+  :meth:`BreakpointEvent.drain` empties; the fd polls readable after ``wakeup`` samples.
+* ``STOP``   - ``sigtrap = 1``: the hitting thread gets a SIGTRAP with ``si_code ==
+  TRAP_PERF`` and ``si_perf_data == sig_data``; as a tracee it enters a signal-delivery-stop
+  that the daemon sees through :func:`wait_all` and may suppress (``cont(tid, 0)``).
+
+Every mode also counts, so the engine routes hits by counter deltas: one instruction that
+fires several events yields *one* SIGTRAP (legacy signals coalesce), carrying the
+``sig_data`` of only one of them, but every event's counter advances (verified on the live
+kernel by ``tests/test_kernel.py::test_one_store_two_watches_one_sigtrap``).
+
+Kernel facts this module relies on, each checked by a test in ``tests/test_kernel.py``:
+
+* A single-step trap is SIGTRAP with ``si_code == TRAP_TRACE (2)``. When the stepped
+  instruction also hits a perf STOP event, the thread still stops *once*, with TRAP_TRACE:
+  the #DB handler sends the step's SIGTRAP at once, while perf's SIGTRAP is sent later from
+  task work and is dropped as a duplicate legacy signal. The perf counter does advance.
+* Execute breakpoints stop *before* the instruction runs; perf's handler sets EFLAGS.RF in
+  the saved registers, so ``cont`` runs the instruction without re-triggering it.
+* ``PTRACE_INTERRUPT`` yields ``PTRACE_EVENT_STOP`` with SIGTRAP. A job-control stop of a
+  seized tracee is a signal-delivery-stop for SIGSTOP, then after ``cont(tid, SIGSTOP)`` a
+  ``PTRACE_EVENT_STOP`` with WSTOPSIG == SIGSTOP (a group-stop, :class:`GroupStop`) that
+  ``PTRACE_LISTEN`` keeps stopped until SIGCONT.
+* A perf SIGTRAP can be *pending* (queued, not yet dequeued) at an interrupt stop: the
+  kernel's ``get_signal`` takes job-control traps before it dequeues signals. Detaching then
+  delivers it to the untraced program, whose default action kills it. Safe detach order:
+  close the thread's events, interrupt, and at that stop, while :func:`pending_signals` has
+  SIGTRAP, ``cont(tid, 0)`` to swallow it at its signal-delivery-stop; then detach.
+* If the tracer dies while a thread sits in a SIGTRAP *signal-delivery-stop*, the kernel
+  detaches it with the signal still set (``exit_ptrace`` does not clear ``exit_code``, unlike
+  ``PTRACE_DETACH``), so the SIGTRAP is delivered and kills the program. A thread held in a
+  ``PTRACE_EVENT_STOP`` (interrupt) stop just runs on. So a stop the daemon holds for clients
+  is converted: at the SIGTRAP stop ``interrupt(tid)`` then ``cont(tid, 0)``; the thread
+  re-stops at once in an EVENT_STOP with the same registers, and that is where it is held.
+
+Errors: every OSError is translated into the project's exception hierarchy in one place,
+:func:`_translate_errno` (applied by the ``@_oserrors`` decorator), keeping the cause.
+
+Threading: ptrace requests only work from the OS thread that seized the tracee, and this
+module reuses module-level ctypes buffers; call everything from the tracer thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import mmap
+import os
+import signal
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, ParamSpec, TypeVar
+
+from hwbkpt_proto._errors import (
+    BusyError,
+    DebugRegisterIOError,
+    HwbkptError,
+    InternalError,
+    InvalidArgumentError,
+    NoSpaceError,
+    NoSuchProcessError,
+    PermissionDeniedError,
+)
+from hwbkptd._model import Access, Mode
+
+__all__ = [
+    "PTRACE_EVENT_CLONE",
+    "PTRACE_EVENT_EXEC",
+    "PTRACE_EVENT_EXIT",
+    "PTRACE_EVENT_STOP",
+    "REGISTER_NAMES",
+    "SI_KERNEL",
+    "TRACE_OPTIONS",
+    "TRAP_BRKPT",
+    "TRAP_HWBKPT",
+    "TRAP_PERF",
+    "TRAP_TRACE",
+    "BreakpointEvent",
+    "EventStop",
+    "Exited",
+    "GroupStop",
+    "Killed",
+    "ProcCreds",
+    "SigInfo",
+    "SignalStop",
+    "WaitEvent",
+    "cont",
+    "decode_status",
+    "detach",
+    "forget_memory",
+    "geteventmsg",
+    "getregs",
+    "getsiginfo",
+    "interrupt",
+    "listen",
+    "peekuser",
+    "pending_signals",
+    "pokeuser",
+    "proc_creds",
+    "read_memory",
+    "seize",
+    "setregs",
+    "singlestep",
+    "start_time",
+    "tgid_of",
+    "threads_of",
+    "tracer_of",
+    "wait_all",
+    "write_memory",
+]
+
+# --- constants (linux/ptrace.h, asm-generic/siginfo.h, linux/perf_event.h) ------------------
+
+PTRACE_PEEKUSER: Final = 3
+PTRACE_POKEUSER: Final = 6
+PTRACE_CONT: Final = 7
+PTRACE_SINGLESTEP: Final = 9
+PTRACE_GETREGS: Final = 12
+PTRACE_SETREGS: Final = 13
+PTRACE_DETACH: Final = 17
+PTRACE_GETEVENTMSG: Final = 0x4201
+PTRACE_GETSIGINFO: Final = 0x4202
+PTRACE_SEIZE: Final = 0x4206
+PTRACE_INTERRUPT: Final = 0x4207
+PTRACE_LISTEN: Final = 0x4208
+
+PTRACE_O_TRACECLONE: Final = 0x08
+PTRACE_O_TRACEEXEC: Final = 0x10
+PTRACE_O_TRACEEXIT: Final = 0x40
+# Not TRACESYSGOOD: the daemon never uses PTRACE_SYSCALL, so syscall stops cannot occur.
+TRACE_OPTIONS: Final = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC | PTRACE_O_TRACEEXIT
+
+PTRACE_EVENT_CLONE: Final = 3
+PTRACE_EVENT_EXEC: Final = 4
+PTRACE_EVENT_EXIT: Final = 6
+PTRACE_EVENT_STOP: Final = 128
+
+# si_code values of SIGTRAP
+TRAP_BRKPT: Final = 1  # int3 (x86 reports it as SI_KERNEL, see below)
+TRAP_TRACE: Final = 2  # single step
+TRAP_HWBKPT: Final = 4  # a ptrace (POKEUSER) debug-register hit
+TRAP_PERF: Final = 6  # a perf event with sigtrap=1
+SI_KERNEL: Final = 0x80  # x86 int3 (do_int3_user sends SIGTRAP with SI_KERNEL)
+
+_WALL: Final = 0x40000000  # __WALL: wait for all children, clone or not (wait(2))
+
+SYS_perf_event_open: Final = 298  # x86-64
+PERF_TYPE_BREAKPOINT: Final = 5
+PERF_SAMPLE_IP: Final = 1 << 0
+PERF_SAMPLE_TID: Final = 1 << 1
+PERF_SAMPLE_TIME: Final = 1 << 2
+PERF_FLAG_FD_CLOEXEC: Final = 1 << 3
+PERF_RECORD_LOST: Final = 2
+PERF_RECORD_THROTTLE: Final = 5
+PERF_RECORD_UNTHROTTLE: Final = 6
+PERF_RECORD_SAMPLE: Final = 9
+# perf_event_attr flag bits (the bitfield word at offset 40)
+_ATTR_EXCLUDE_KERNEL: Final = 1 << 5
+_ATTR_EXCLUDE_HV: Final = 1 << 6
+_ATTR_WATERMARK: Final = 1 << 14
+_ATTR_REMOVE_ON_EXEC: Final = 1 << 36
+_ATTR_SIGTRAP: Final = 1 << 37
+# PERF_ATTR_SIZE_VER7 (128 bytes) is the first size with sig_data (offset 120).
+_ATTR_SIZE: Final = 128
+
+HW_BREAKPOINT_R: Final = 1
+HW_BREAKPOINT_W: Final = 2
+HW_BREAKPOINT_RW: Final = 3
+HW_BREAKPOINT_X: Final = 4
+# x86 has no read-only data breakpoint, so "rw" is the only read access the API offers.
+_BP_TYPE: Final = {
+    Access.EXECUTE: HW_BREAKPOINT_X,
+    Access.WRITE: HW_BREAKPOINT_W,
+    Access.READWRITE: HW_BREAKPOINT_RW,
+}
+
+PAGE_SIZE: Final = mmap.PAGESIZE
+# 2**4 data pages = 64 KiB = 2048 samples of 32 bytes (header, ip, pid/tid, time).
+RING_DATA_PAGES: Final = 16
+
+# struct user_regs_struct (arch/x86/include/asm/user_64.h), in order.
+REGISTER_NAMES: Final = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+    "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp",
+    "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs",
+)  # fmt: skip
+_REGISTER_INDEX: Final = {name: i for i, name in enumerate(REGISTER_NAMES)}
+_U64: Final = (1 << 64) - 1
+
+# --- errno translation: the one place --------------------------------------------------------
+
+_ERRNO_CLASS: Final[dict[int, type[HwbkptError]]] = {
+    errno.ESRCH: NoSuchProcessError,
+    errno.ENOENT: NoSuchProcessError,  # /proc/PID/... of a process that is gone
+    errno.ENOSPC: NoSpaceError,
+    errno.EINVAL: InvalidArgumentError,
+    errno.EPERM: PermissionDeniedError,
+    errno.EACCES: PermissionDeniedError,
+    errno.EIO: DebugRegisterIOError,
+    errno.EFAULT: DebugRegisterIOError,
+    errno.EBUSY: BusyError,
+}
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _translate_errno(err: OSError, what: str, *, memory: bool = False) -> HwbkptError:
+    """Map an OSError from a syscall into the project's exception for it."""
+    code = err.errno if err.errno is not None else 0
+    reason = os.strerror(code) if code else str(err)
+    if memory and code in (errno.EIO, errno.EFAULT):
+        # /proc/PID/mem answers EIO (and the kernel EFAULT) for an address that is not
+        # mapped or not accessible: a bad argument from the client, not a register error.
+        return InvalidArgumentError(f"{what}: address range not mapped in the target ({reason})")
+    cls = _ERRNO_CLASS.get(code, InternalError)
+    if cls is NoSuchProcessError:
+        return cls(f"{what}: no such process or thread (it has exited?)")
+    if cls is NoSpaceError:
+        return cls(f"{what}: all hardware breakpoint slots of the thread are in use")
+    if cls is PermissionDeniedError:
+        return cls(f"{what}: permission denied ({reason}); is it traced by someone else?")
+    return cls(f"{what}: {reason}")
+
+
+def _oserrors(
+    what: str, *, memory: bool = False
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorator: translate OSError raised by the call (``raise … from err``)."""
+
+    def decorate(func: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(func)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return func(*args, **kwargs)
+            except OSError as err:
+                where = ", ".join(str(a) for a in args)
+                raise _translate_errno(err, f"{what}({where})", memory=memory) from err
+
+        return wrapper
+
+    return decorate
+
+
+# --- raw ptrace ------------------------------------------------------------------------------
+
+# libc's ptrace() directly through ctypes. python-ptrace's ptrace.binding.func.ptrace wraps the
+# very same libc call (it has no C extension here). Measured with timeit on this VM (kernel
+# 6.18, PEEKUSER on a stopped tracee, best of 5): bare ctypes call 1.23 µs, _raw_ptrace 1.40
+# µs, python-ptrace ptrace(..., check_errno=True) 1.49 µs, peekuser() with the errno decorator
+# 1.68 µs. The syscall itself dominates; ctypes is the cheaper one by ~0.1 µs, and it raises
+# OSError rather than PtraceError, so one translation path serves ptrace, perf and /proc.
+_libc = ctypes.CDLL(None, use_errno=True)
+_ptrace = _libc.ptrace
+_ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong)
+_ptrace.restype = ctypes.c_long
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _raw_ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    """One ptrace(2) call; raises OSError on failure. PEEK requests need errno reset first."""
+    ctypes.set_errno(0)
+    result: int = _ptrace(request, tid, addr, data)
+    if result == -1:
+        code = ctypes.get_errno()
+        if code:
+            raise OSError(code, os.strerror(code))
+    return result
+
+
+@_oserrors("ptrace(SEIZE)")
+def seize(tid: int) -> None:
+    """Seize one thread with :data:`TRACE_OPTIONS` (it keeps running).
+
+    Raises NoSuchProcessError, PermissionDeniedError (already traced, or not allowed).
+    """
+    _raw_ptrace(PTRACE_SEIZE, tid, 0, TRACE_OPTIONS)
+
+
+@_oserrors("ptrace(INTERRUPT)")
+def interrupt(tid: int) -> None:
+    """Ask a seized thread to enter a ``PTRACE_EVENT_STOP``. Raises NoSuchProcessError."""
+    _raw_ptrace(PTRACE_INTERRUPT, tid)
+
+
+@_oserrors("ptrace(LISTEN)")
+def listen(tid: int) -> None:
+    """Leave a thread in its group-stop but let it be woken by SIGCONT (man ptrace).
+
+    Raises NoSuchProcessError (also when the thread is not stopped), InvalidArgumentError
+    (not a group-stop).
+    """
+    _raw_ptrace(PTRACE_LISTEN, tid)
+
+
+@_oserrors("ptrace(CONT)")
+def cont(tid: int, sig: int = 0) -> None:
+    """Resume a stopped thread, delivering ``sig`` (0: none). Raises NoSuchProcessError."""
+    _raw_ptrace(PTRACE_CONT, tid, 0, sig)
+
+
+@_oserrors("ptrace(SINGLESTEP)")
+def singlestep(tid: int, sig: int = 0) -> None:
+    """Run one instruction of a stopped thread (then SIGTRAP, TRAP_TRACE). Raises ESRCH."""
+    _raw_ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
+
+
+@_oserrors("ptrace(DETACH)")
+def detach(tid: int, sig: int = 0) -> None:
+    """Detach a stopped thread, delivering ``sig``; closes a cached /proc/TID/mem fd.
+
+    A SIGTRAP still *pending* on the thread is delivered after this and kills a program
+    without a handler: see the module docstring for the safe order. Raises
+    NoSuchProcessError (also when the thread is not stopped).
+    """
+    forget_memory(tid)
+    _raw_ptrace(PTRACE_DETACH, tid, 0, sig)
+
+
+@dataclass(frozen=True, slots=True)
+class SigInfo:
+    """The fields of a ``siginfo_t`` the daemon uses (x86-64 layout, verified live).
+
+    ``pid``/``uid`` (kill-style union, offsets 16/20) and ``addr``/``perf_data``/``perf_type``
+    (fault-style union, offsets 16/24/32) overlay the same bytes; which pair is meaningful
+    depends on ``code``: TRAP_PERF → ``perf_data`` is the event's ``sig_data``.
+    """
+
+    signo: int
+    code: int
+    errno: int
+    pid: int
+    uid: int
+    addr: int
+    perf_data: int
+    perf_type: int
+    perf_flags: int
+
+
+_SIGINFO_SIZE: Final = 128
+_siginfo_buf = ctypes.create_string_buffer(_SIGINFO_SIZE)
+# si_signo, si_errno, si_code, pad, then the union at 16: si_addr, _perf._data, _type, _flags
+_SIGINFO_STRUCT: Final = struct.Struct("=iii4xQQII")
+
+
+@_oserrors("ptrace(GETSIGINFO)")
+def getsiginfo(tid: int) -> SigInfo:
+    """The siginfo of the signal that stopped ``tid``. Raises NoSuchProcessError,
+    InvalidArgumentError (the stop is not a signal stop)."""
+    _raw_ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(_siginfo_buf))
+    signo, err, code, addr, perf_data, perf_type, perf_flags = _SIGINFO_STRUCT.unpack_from(
+        _siginfo_buf
+    )
+    pid, uid = addr & 0xFFFFFFFF, addr >> 32
+    pid -= (pid & 0x80000000) << 1  # si_pid is a signed int
+    return SigInfo(signo, code, err, pid, uid, addr, perf_data, perf_type, perf_flags)
+
+
+_eventmsg = ctypes.c_ulong()
+
+
+@_oserrors("ptrace(GETEVENTMSG)")
+def geteventmsg(tid: int) -> int:
+    """The message of the last ptrace event (new tid for CLONE, exit status for EXIT,
+    former tid for EXEC)."""
+    _raw_ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(_eventmsg))
+    return _eventmsg.value
+
+
+_regs_buf = (ctypes.c_ulong * len(REGISTER_NAMES))()
+_REGS_STRUCT: Final = struct.Struct(f"{len(REGISTER_NAMES)}Q")
+
+
+@_oserrors("ptrace(GETREGS)")
+def getregs(tid: int) -> dict[str, int]:
+    """The general registers of a stopped thread by ``user_regs_struct`` name."""
+    _raw_ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(_regs_buf))
+    # struct.unpack is ~5x faster than iterating the ctypes array (measured: 1.9 vs 6.8 µs).
+    return dict(zip(REGISTER_NAMES, _REGS_STRUCT.unpack(_regs_buf), strict=True))
+
+
+@_oserrors("ptrace(SETREGS)")
+def setregs(tid: int, regs: Mapping[str, int]) -> None:
+    """Set the named registers of a stopped thread; the others keep their values.
+
+    Raises InvalidArgumentError for an unknown name, a value out of range, or one the
+    kernel refuses (e.g. a bad segment selector).
+    """
+    unknown = set(regs) - _REGISTER_INDEX.keys()
+    if unknown:
+        raise InvalidArgumentError(f"unknown register name(s): {', '.join(sorted(unknown))}")
+    for name, value in regs.items():
+        if not 0 <= value <= _U64:
+            raise InvalidArgumentError(f"register {name} value {value} is not a u64")
+    _raw_ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(_regs_buf))
+    for name, value in regs.items():
+        _regs_buf[_REGISTER_INDEX[name]] = value
+    _raw_ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(_regs_buf))
+
+
+@_oserrors("ptrace(PEEKUSER)")
+def peekuser(tid: int, offset: int) -> int:
+    """``PTRACE_PEEKUSER`` as an unsigned word. Raises DebugRegisterIOError (EIO)."""
+    return _raw_ptrace(PTRACE_PEEKUSER, tid, offset) & _U64
+
+
+@_oserrors("ptrace(POKEUSER)")
+def pokeuser(tid: int, offset: int, value: int) -> None:
+    """``PTRACE_POKEUSER``. Raises DebugRegisterIOError (EIO), InvalidArgumentError,
+    NoSpaceError - exactly the kernel's errno, for reference tests."""
+    _raw_ptrace(PTRACE_POKEUSER, tid, offset, value & _U64)
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+# /proc/PID/mem binds to the mm at open() time, so a cached fd must be dropped at exec (the
+# new image has a new mm) and at detach; the engine calls forget_memory() on exec and exit.
+_mem_fds: dict[int, int] = {}
+
+
+def _mem_fd(pid: int) -> int:
+    fd = _mem_fds.get(pid)
+    if fd is None:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        _mem_fds[pid] = fd
+    return fd
+
+
+def forget_memory(pid: int) -> None:
+    """Close the cached /proc/PID/mem fd of ``pid`` (after exec, exit or detach)."""
+    fd = _mem_fds.pop(pid, None)
+    if fd is not None:
+        os.close(fd)
+
+
+@_oserrors("read_memory", memory=True)
+def read_memory(pid: int, addr: int, size: int) -> bytes:
+    """Read ``size`` bytes at ``addr`` of process ``pid`` (which must be traced by us).
+
+    Raises InvalidArgumentError when (part of) the range is not mapped, NoSuchProcessError.
+    """
+    if addr < 0 or size < 0 or addr + size > _U64:
+        raise InvalidArgumentError(f"bad memory range {addr:#x}+{size}")
+    data = os.pread(_mem_fd(pid), size, addr)
+    if len(data) != size:
+        raise InvalidArgumentError(
+            f"read_memory({pid}, {addr:#x}, {size}): only {len(data)} bytes are mapped"
+        )
+    return data
+
+
+@_oserrors("write_memory", memory=True)
+def write_memory(pid: int, addr: int, data: bytes) -> None:
+    """Write ``data`` at ``addr`` of process ``pid`` (even into read-only text, like
+    POKEDATA). Raises InvalidArgumentError when the range is not mapped."""
+    if addr < 0 or addr + len(data) > _U64:
+        raise InvalidArgumentError(f"bad memory range {addr:#x}+{len(data)}")
+    done = os.pwrite(_mem_fd(pid), data, addr)
+    if done != len(data):
+        raise InvalidArgumentError(
+            f"write_memory({pid}, {addr:#x}): only {done} of {len(data)} bytes are mapped"
+        )
+
+
+# --- waiting ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class Killed:
+    signal: int
+    core: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SignalStop:
+    """Signal-delivery-stop: resume with ``cont(tid, signal)`` to deliver, 0 to suppress."""
+
+    signal: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStop:
+    """A job-control stop of a seized thread (PTRACE_EVENT_STOP with a stop signal)."""
+
+    signal: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventStop:
+    """A ptrace event stop; ``event`` is PTRACE_EVENT_CLONE/EXEC/EXIT/STOP.
+
+    EVENT_STOP with SIGTRAP is an interrupt stop, or the first stop of a new clone child.
+    """
+
+    event: int
+    signal: int
+
+
+WaitEvent = Exited | Killed | SignalStop | GroupStop | EventStop
+
+_STOP_SIGNALS: Final = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+
+
+def decode_status(status: int) -> WaitEvent:
+    """Decode one wait status (man 2 ptrace, "Stopped states") into a WaitEvent."""
+    if os.WIFEXITED(status):
+        return Exited(os.WEXITSTATUS(status))
+    if os.WIFSIGNALED(status):
+        return Killed(os.WTERMSIG(status), os.WCOREDUMP(status))
+    if os.WIFSTOPPED(status):
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        if event == 0:
+            return SignalStop(sig)
+        if event == PTRACE_EVENT_STOP and sig in _STOP_SIGNALS:
+            return GroupStop(sig)
+        return EventStop(event, sig)
+    raise InternalError(f"unexpected wait status {status:#x}")
+
+
+def wait_all() -> list[tuple[int, int]]:
+    """Reap every wait status ready now (``waitpid(-1, WNOHANG | __WALL)``), never blocking.
+
+    Returns ``(tid, raw status)`` pairs in the kernel's order; decode with decode_status.
+    """
+    out: list[tuple[int, int]] = []
+    while True:
+        try:
+            tid, status = os.waitpid(-1, os.WNOHANG | _WALL)
+        except ChildProcessError:
+            return out
+        if tid == 0:
+            return out
+        out.append((tid, status))
+
+
+# --- /proc -----------------------------------------------------------------------------------
+
+
+def _status_fields(path: str) -> dict[str, str]:
+    with open(path) as f:
+        text = f.read()
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.strip()
+    return fields
+
+
+@_oserrors("threads_of")
+def threads_of(pid: int) -> list[int]:
+    """The tids of process ``pid``, sorted. Raises NoSuchProcessError."""
+    return sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
+
+
+@_oserrors("tgid_of")
+def tgid_of(tid: int) -> int:
+    """The process (thread group) id of thread ``tid``. Raises NoSuchProcessError."""
+    return int(_status_fields(f"/proc/{tid}/status")["Tgid"])
+
+
+@_oserrors("start_time")
+def start_time(pid: int) -> int:
+    """Start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, it
+    identifies a process across pid reuse. Raises NoSuchProcessError."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # field 2 (comm) may contain spaces and parentheses: split after the last ')'.
+    rest = stat[stat.rindex(b")") + 2 :].split()
+    return int(rest[22 - 3])
+
+
+@_oserrors("tracer_of")
+def tracer_of(pid: int) -> int:
+    """The pid of the process tracing ``pid`` (0 if none). Raises NoSuchProcessError."""
+    return int(_status_fields(f"/proc/{pid}/status")["TracerPid"])
+
+
+@_oserrors("pending_signals")
+def pending_signals(tid: int) -> int:
+    """Mask of signals pending on thread ``tid`` or its process (SigPnd | ShdPnd), bit
+    ``sig - 1`` per signal. Raises NoSuchProcessError."""
+    fields = _status_fields(f"/proc/{tid}/status")
+    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcCreds:
+    """Credentials of a process, as the kernel's ptrace access check uses them."""
+
+    ruid: int
+    euid: int
+    suid: int
+    rgid: int
+    egid: int
+    sgid: int
+    dumpable: bool
+
+
+@_oserrors("proc_creds")
+def proc_creds(pid: int) -> ProcCreds:
+    """Real/effective/saved uid and gid of ``pid`` and whether it is dumpable.
+
+    Dumpability is not in /proc/PID/status and prctl(PR_GET_DUMPABLE) only answers for the
+    caller, so it is read from the owner of /proc/PID: the kernel's ``task_dump_owner()``
+    makes those inodes owned by the task's euid/egid only when ``get_dumpable() ==
+    SUID_DUMP_USER``, else by root. For a target whose euid is 0 the answer is ambiguous and
+    reported as dumpable; the ptrace rule lets only root act on such a target anyway.
+    Raises NoSuchProcessError.
+    """
+    fields = _status_fields(f"/proc/{pid}/status")
+    ruid, euid, suid = (int(v) for v in fields["Uid"].split()[:3])
+    rgid, egid, sgid = (int(v) for v in fields["Gid"].split()[:3])
+    st = os.stat(f"/proc/{pid}")
+    dumpable = (st.st_uid, st.st_gid) == (euid, egid)
+    return ProcCreds(ruid, euid, suid, rgid, egid, sgid, dumpable)
+
+
+# --- perf breakpoint events ------------------------------------------------------------------
+
+
+def _perf_attr(
+    addr: int, length: int, access: Access, mode: Mode, sig_data: int, wakeup: int
+) -> ctypes.Array[ctypes.c_char]:
+    flags = _ATTR_EXCLUDE_KERNEL | _ATTR_EXCLUDE_HV | _ATTR_REMOVE_ON_EXEC
+    sample_period = sample_type = wakeup_events = 0
+    if mode is Mode.NOTIFY:
+        sample_period, wakeup_events = 1, wakeup
+        sample_type = PERF_SAMPLE_IP | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
+    elif mode is Mode.STOP:
+        sample_period = 1
+        flags |= _ATTR_SIGTRAP
+    # The kernel wants bp_len == sizeof(long) for execute breakpoints (it programs LEN=00,
+    # arch_build_bp_info in arch/x86/kernel/hw_breakpoint.c); our API says length 1.
+    bp_len = 8 if access is Access.EXECUTE else length
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("IIQQQQQ", attr, 0, PERF_TYPE_BREAKPOINT, _ATTR_SIZE, 0,
+                     sample_period, sample_type, 0, flags)  # fmt: skip
+    struct.pack_into("IIQQ", attr, 48, wakeup_events, _BP_TYPE[access], addr, bp_len)
+    struct.pack_into("Q", attr, 120, sig_data & _U64)
+    return attr
+
+
+class BreakpointEvent:
+    """One physical slot: a perf breakpoint event on one thread, owned by the daemon.
+
+    Opening it arms the breakpoint; :meth:`close` (or the daemon's death) disarms it. Every
+    event counts hits (:meth:`read_count`); NOTIFY events also keep a sample ring
+    (:meth:`drain`); STOP events make the hitting thread take a SIGTRAP (TRAP_PERF,
+    ``si_perf_data == sig_data``). Not thread-safe; call from the tracer thread.
+    """
+
+    def __init__(
+        self,
+        tid: int,
+        addr: int,
+        length: int,
+        access: Access,
+        mode: Mode,
+        sig_data: int,
+        *,
+        wakeup: int = 1,
+    ) -> None:
+        """Open (arm) the event. ``wakeup``: NOTIFY samples per poll wake-up.
+
+        ``wakeup = 1`` wakes the poller at every sample; the daemon still drains in batches,
+        since everything that accumulated while it was busy is read at once. A larger value
+        batches wake-ups but delays a lone hit until ``wakeup`` more arrive.
+
+        Raises NoSpaceError (the thread's four slots are taken), InvalidArgumentError
+        (address/length/alignment the kernel refuses), NoSuchProcessError,
+        PermissionDeniedError.
+        """
+        self.tid = tid
+        self.addr = addr
+        self.length = length
+        self.access = access
+        self.mode = mode
+        self.sig_data = sig_data
+        self.lost = 0  # total of PERF_RECORD_LOST seen by drain()
+        self.sampled = 0  # total of samples returned by drain()
+        self.throttled = 0
+        self._ring: mmap.mmap | None = None
+        what = f"perf_event_open(tid={tid}, {addr:#x}/{length}/{access.value}/{mode.wire})"
+        attr = _perf_attr(addr, length, access, mode, sig_data, max(1, wakeup))
+        fd = _syscall(
+            ctypes.c_long(SYS_perf_event_open),
+            attr,
+            ctypes.c_int(tid),
+            ctypes.c_int(-1),
+            ctypes.c_int(-1),
+            ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC),
+        )
+        if fd < 0:
+            code = ctypes.get_errno()
+            err = OSError(code, os.strerror(code))
+            raise _translate_errno(err, what) from err
+        self.fd: int = fd
+        if mode is Mode.NOTIFY:
+            try:
+                self._ring = mmap.mmap(fd, (1 + RING_DATA_PAGES) * PAGE_SIZE)
+            except OSError as err:
+                os.close(fd)
+                raise _translate_errno(err, f"mmap of {what}") from err
+
+    def fileno(self) -> int:
+        return self.fd
+
+    @_oserrors("BreakpointEvent.read_count")
+    def read_count(self) -> int:
+        """The absolute hit counter of this event."""
+        data = os.read(self.fd, 8)
+        return int.from_bytes(data, "little")
+
+    def drain(self) -> tuple[list[tuple[int, int, int]], int]:
+        """NOTIFY only: take every sample out of the ring.
+
+        Returns ``([(tid, ip, time_ns), ...], lost)`` where ``lost`` counts samples the
+        kernel dropped because the ring was full (PERF_RECORD_LOST). The kernel writes that
+        record only once there is room again *and* another sample comes (perf_output_begin,
+        kernel/events/ring_buffer.c): losses of a thread that filled the ring and then exited
+        are never reported by a record; :meth:`unaccounted` finds them from the counter.
+        THROTTLE records (the kernel's sample-rate limit) are counted in ``self.throttled``.
+        """
+        ring = self._ring
+        if ring is None:
+            raise InvalidArgumentError("drain() needs a notify-mode event")
+        # struct perf_event_mmap_page: data_head at 1024, data_tail at 1032. x86 is TSO,
+        # so reading head before the data needs no explicit barrier (perf_event.h's
+        # "rmb() after reading data_head" is a compiler barrier there).
+        head, tail = struct.unpack_from("QQ", ring, 1024)
+        size = RING_DATA_PAGES * PAGE_SIZE
+        samples: list[tuple[int, int, int]] = []
+        lost = 0
+        while tail < head:
+            off = PAGE_SIZE + tail % size
+            rtype, _misc, rsize = struct.unpack_from("IHH", ring, off)
+            if off + rsize <= PAGE_SIZE + size:
+                rec = ring[off : off + rsize]
+            else:  # the record wraps around the end of the ring
+                first = PAGE_SIZE + size - off
+                rec = ring[off : off + first] + ring[PAGE_SIZE : PAGE_SIZE + rsize - first]
+            if rtype == PERF_RECORD_SAMPLE:
+                ip, _pid, tid, time = struct.unpack_from("QIIQ", rec, 8)
+                samples.append((tid, ip, time))
+            elif rtype == PERF_RECORD_LOST:
+                lost += struct.unpack_from("Q", rec, 16)[0]
+            elif rtype == PERF_RECORD_THROTTLE:
+                self.throttled += 1
+            if rsize == 0:  # never expected; do not spin on a corrupt ring
+                tail = head
+                break
+            tail += rsize
+        struct.pack_into("Q", ring, 1032, tail)
+        self.lost += lost
+        self.sampled += len(samples)
+        return samples, lost
+
+    def unaccounted(self) -> int:
+        """NOTIFY: hits counted but neither returned as samples nor reported lost yet.
+
+        Exact once the thread cannot hit any more (it exited, or is stopped) and the ring
+        was drained; while it runs, samples still being written make it transiently > 0.
+        """
+        return self.read_count() - self.sampled - self.lost
+
+    def close(self) -> None:
+        """Disarm: unmap the ring and close the fd. Idempotent."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __repr__(self) -> str:
+        return (
+            f"<BreakpointEvent fd={self.fd} tid={self.tid} {self.addr:#x}/{self.length}"
+            f"/{self.access.value} {self.mode.wire}>"
+        )

@@ -1,0 +1,122 @@
+"""The ``hwbkptd`` command line: parse options, pick the backend, run the server."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from hwbkptd import __version__
+from hwbkptd._config import DEFAULT_SOCKET, Config
+from hwbkptd._server import Backend, NullBackend, StartupError, serve
+
+__all__ = ["main", "make_backend", "parse_args"]
+
+log = logging.getLogger("hwbkptd")
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Build the :class:`Config` from the command line (exits 2 on a usage error)."""
+    parser = argparse.ArgumentParser(
+        prog="hwbkptd",
+        description=(
+            "Share x86-64 hardware breakpoint slots (DR0-DR3) among many clients over "
+            "msgpack-RPC on a Unix socket. Needs root (or CAP_SYS_PTRACE). Stops cleanly on "
+            "SIGTERM or SIGINT, leaving every traced program running."
+        ),
+        epilog="Exit status: 0 after SIGTERM/SIGINT, 1 if it cannot start, 2 on a usage error.",
+    )
+    parser.add_argument(
+        "--socket",
+        default=DEFAULT_SOCKET,
+        metavar="PATH",
+        help=f"Unix socket to listen on (default {DEFAULT_SOCKET}); ignored under systemd "
+        "socket activation",
+    )
+    parser.add_argument(
+        "--log-level", choices=_LOG_LEVELS, default="info", help="log to stderr from this level"
+    )
+    parser.add_argument(
+        "--max-clients", type=_positive_int, default=256, help="connections served at once"
+    )
+    parser.add_argument(
+        "--max-watches", type=_positive_int, default=1024, help="watches per client"
+    )
+    parser.add_argument(
+        "--max-queued-events",
+        type=_positive_int,
+        default=10000,
+        help="events queued per client before hits are dropped (and counted)",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a client may keep a thread stopped before it is disconnected",
+    )
+    parser.add_argument("--version", action="version", version=f"hwbkptd {__version__}")
+    args = parser.parse_args(argv)
+    return Config(
+        socket_path=args.socket,
+        log_level=args.log_level,
+        max_clients=args.max_clients,
+        max_watches=args.max_watches,
+        max_queued_events=args.max_queued_events,
+        stop_timeout=args.stop_timeout,
+    )
+
+
+def make_backend(config: Config) -> Backend:
+    """The engine backend (``hwbkptd._rpc.EngineBackend``) if it exists, else NullBackend."""
+    try:
+        rpc = importlib.import_module("hwbkptd._rpc")
+    except ImportError as err:
+        if err.name not in ("hwbkptd._rpc",):
+            raise
+        log.warning("no engine backend (hwbkptd._rpc is missing): only hello and status work")
+        return NullBackend()
+    backend: Backend = rpc.EngineBackend(config)
+    return backend
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the daemon; return its exit status."""
+    config = parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=config.log_level.upper(),
+        format="hwbkptd[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        backend = make_backend(config)
+        trio.run(serve, config, backend)
+    except StartupError as err:
+        log.error("cannot start: %s", err)
+        return 1
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""The engine backend: checks each request's parameters and rights, then asks the engine.
+
+Every method in ``proto/PROTOCOL.md`` beyond ``hello`` and ``status`` is a function here
+taking the client and its :class:`Params`. Parameters are checked strictly (type, range,
+no unknown names) so that a bad request is an ``EINVAL`` naming the parameter, never an
+exception deep inside the engine. Rights are checked at every request that names a process
+or thread (:mod:`hwbkptd._auth`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from hwbkpt_proto import (
+    InvalidArgumentError,
+    LimitExceededError,
+    NoSpaceError,
+    NoSuchProcessError,
+    NotFoundError,
+)
+from hwbkptd import _kernel
+from hwbkptd._auth import authorize
+from hwbkptd._config import Config
+from hwbkptd._engine import Engine, WatchRec
+from hwbkptd._model import Access, Mode, Spec, check_spec
+from hwbkptd._rawdr import RawDebugRegisters
+from hwbkptd._region import split_region
+from hwbkptd._server import ClientHandle
+from hwbkptd._tracer import KernelPort, Tracer
+
+__all__ = ["EngineBackend", "Params"]
+
+log = logging.getLogger(__name__)
+
+_MISSING: Any = object()
+MAX_MEMORY = 1 << 20  # bytes per read_memory / write_memory
+MAX_PRIORITY = 1 << 31
+
+
+class Params:
+    """Typed access to one request's named parameters; every misuse is an EINVAL."""
+
+    def __init__(self, method: str, params: dict[str, Any]) -> None:
+        self.method = method
+        self._params = params
+        self._seen: set[str] = set()
+
+    def _get(self, name: str, default: Any) -> Any:
+        self._seen.add(name)
+        if name in self._params:
+            return self._params[name]
+        if default is _MISSING:
+            raise InvalidArgumentError(f"{self.method}: parameter {name!r} is required")
+        return default
+
+    def integer(
+        self, name: str, default: Any = _MISSING, *, lo: int = 0, hi: int = (1 << 64) - 1
+    ) -> int:
+        value = self._get(name, default)
+        if type(value) is not int:
+            raise InvalidArgumentError(
+                f"{self.method}: {name} must be an integer, not {type(value).__name__}"
+            )
+        if not lo <= value <= hi:
+            raise InvalidArgumentError(
+                f"{self.method}: {name}={value} is out of range [{lo}, {hi}]"
+            )
+        return value
+
+    def opt_int(self, name: str, *, lo: int = 0, hi: int = (1 << 64) - 1) -> int | None:
+        if self._params.get(name) is None:
+            self._seen.add(name)
+            return None
+        return self.integer(name, lo=lo, hi=hi)
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self._get(name, default)
+        if value not in choices:
+            raise InvalidArgumentError(
+                f"{self.method}: {name} must be one of {', '.join(choices)}; got {value!r}"
+            )
+        return str(value)
+
+    def binary(self, name: str) -> bytes:
+        value = self._get(name, _MISSING)
+        if not isinstance(value, bytes):
+            raise InvalidArgumentError(f"{self.method}: {name} must be binary data")
+        return value
+
+    def int_map(self, name: str) -> dict[str, int]:
+        value = self._get(name, _MISSING)
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and type(v) is int for k, v in value.items()
+        ):
+            raise InvalidArgumentError(f"{self.method}: {name} must map register names to integers")
+        return value
+
+    def done(self) -> None:
+        """Refuse parameters the method does not know (catches typos in clients)."""
+        unknown = set(self._params) - self._seen
+        if unknown:
+            raise InvalidArgumentError(
+                f"{self.method}: unknown parameter(s) {', '.join(sorted(map(str, unknown)))}"
+            )
+
+
+Handler = Callable[[ClientHandle, Params], Any]
+
+
+class EngineBackend:
+    """The :class:`hwbkptd._server.Backend` that serves watches with the real kernel."""
+
+    capabilities = [
+        "watch",
+        "count",
+        "notify",
+        "stop",
+        "step",
+        "regs",
+        "memory",
+        "region",
+        "debugregs",
+    ]
+
+    def __init__(self, config: Config, *, park: bool = True) -> None:
+        self.config = config
+        self.port = KernelPort()
+        self.engine = Engine(self.port, self._emit, park=park)
+        self.tracer = Tracer(self.engine, self.port)
+        self.rawdr = RawDebugRegisters(self.engine)
+        self._clients: dict[int, ClientHandle] = {}
+        self._methods: dict[str, Handler] = {
+            "watch": self._watch,
+            "watch_region": self._watch_region,
+            "unwatch": self._unwatch,
+            "watches": self._watches,
+            "count": self._count,
+            "resume": self._resume,
+            "step": self._step,
+            "interrupt": self._interrupt,
+            "get_regs": self._get_regs,
+            "set_regs": self._set_regs,
+            "read_memory": self._read_memory,
+            "write_memory": self._write_memory,
+            "peek_dr": self._peek_dr,
+            "poke_dr": self._poke_dr,
+            "peek_user": self._peek_user,
+            "poke_user": self._poke_user,
+        }
+
+    # --- Backend protocol ----------------------------------------------------------
+
+    def client_connected(self, client: ClientHandle) -> None:
+        self._clients[client.id] = client
+        self.engine.add_client(client.id)
+
+    def client_disconnected(self, client: ClientHandle) -> None:
+        self._clients.pop(client.id, None)
+        self.rawdr.remove_client(client.id)
+        self.engine.remove_client(client.id)
+
+    async def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
+        handler = self._methods.get(method)
+        if handler is None:
+            raise NotFoundError(f"unknown method {method!r}; see proto/PROTOCOL.md for the list")
+        p = Params(method, params)
+        result = handler(client, p)
+        # Statuses that the request itself caused (e.g. a stop right after a resume) are
+        # picked up by the tracer loop on SIGCHLD; nothing to await here.
+        await trio.lowlevel.checkpoint()
+        return result
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "targets": self.engine.status(),
+            "counters": dict(self.engine.counters) | {"sigchld_wakeups": self.tracer.wakeups},
+            "clients": {
+                cid: {"watches": self.engine.client_watch_count(cid)} for cid in self._clients
+            },
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.tracer.run(task_status=task_status)
+
+    def shutdown(self) -> None:
+        self.tracer.shutdown()
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _emit(self, cid: int, kind: str, fields: dict[str, Any], droppable: bool) -> None:
+        client = self._clients.get(cid)
+        if client is not None:
+            client.send_event(kind, fields, droppable=droppable)
+
+    def _authorize(self, client: ClientHandle, pid: int) -> None:
+        authorize(client.pid, client.uid, client.gid, pid)
+
+    def _pid_of(self, tid: int) -> int:
+        thread = self.engine._threads.get(tid)
+        if thread is not None:
+            return thread.pid
+        return _kernel.tgid_of(tid)
+
+    def _authorize_tid(self, client: ClientHandle, p: Params, *, done: bool = True) -> int:
+        tid = p.integer("tid", lo=1, hi=(1 << 31) - 1)
+        if done:
+            p.done()
+        self._authorize(client, self._pid_of(tid))
+        return tid
+
+    def _spec(self, p: Params, addr: int, length: int) -> tuple[Spec, Mode, int]:
+        access = Access(p.choice("access", "w", ("w", "rw", "x")))
+        mode = Mode.from_wire(p.choice("mode", "count", ("count", "notify", "stop")))
+        priority = p.integer("priority", 0, lo=-MAX_PRIORITY, hi=MAX_PRIORITY)
+        why = check_spec(addr, length, access)
+        if why is not None:
+            raise InvalidArgumentError(f"{p.method}: {why}")
+        return Spec(addr, length, access), mode, priority
+
+    def _check_limit(self, client: ClientHandle, more: int) -> None:
+        if self.engine.client_watch_count(client.id) + more > self.config.max_watches:
+            raise LimitExceededError(
+                f"you have {self.engine.client_watch_count(client.id)} watches; the daemon allows "
+                f"{self.config.max_watches} per client (hwbkptd --max-watches)"
+            )
+
+    @staticmethod
+    def _reply(watch: WatchRec) -> dict[str, Any]:
+        return {"id": watch.id, "state": watch.state, "threads": dict(watch.states)}
+
+    # --- methods -------------------------------------------------------------------
+
+    def _watch(self, client: ClientHandle, p: Params) -> dict[str, Any]:
+        pid = p.integer("pid", lo=1, hi=(1 << 31) - 1)
+        addr = p.integer("addr")
+        length = p.integer("length", 8, lo=1, hi=8)
+        tid = p.opt_int("tid", lo=1, hi=(1 << 31) - 1)
+        spec, mode, priority = self._spec(p, addr, length)
+        p.done()
+        self._authorize(client, pid)
+        self._check_limit(client, 1)
+        watch = self.engine.watch(client.id, pid, spec, mode, tid=tid, priority=priority)
+        return self._reply(watch)
+
+    def _watch_region(self, client: ClientHandle, p: Params) -> dict[str, Any]:
+        pid = p.integer("pid", lo=1, hi=(1 << 31) - 1)
+        addr = p.integer("addr")
+        size = p.integer("size", lo=1, hi=1 << 16)
+        tid = p.opt_int("tid", lo=1, hi=(1 << 31) - 1)
+        pieces = split_region(addr, size)
+        specs = [self._spec(p, a, n) for a, n in pieces]
+        p.done()
+        self._authorize(client, pid)
+        self._check_limit(client, len(pieces))
+        made: list[WatchRec] = []
+        try:
+            for spec, mode, priority in specs:
+                made.append(
+                    self.engine.watch(client.id, pid, spec, mode, tid=tid, priority=priority)
+                )
+            if any(w.state != "installed" for w in made):
+                raise NoSpaceError(
+                    f"watch_region: the {size}-byte region needs {len(pieces)} slots "
+                    f"({' + '.join(str(n) for _, n in pieces)} bytes) and not all are free; "
+                    "nothing was installed"
+                )
+        except BaseException:
+            for watch in made:
+                self.engine.unwatch(client.id, watch.id)
+            raise
+        return {
+            "ids": [w.id for w in made],
+            "pieces": [list(piece) for piece in pieces],
+            "watches": [self._reply(w) for w in made],
+        }
+
+    def _unwatch(self, client: ClientHandle, p: Params) -> None:
+        wid = p.integer("id")
+        p.done()
+        self.engine.unwatch(client.id, wid)
+
+    def _watches(self, client: ClientHandle, p: Params) -> list[dict[str, Any]]:
+        p.done()
+        return [w.describe() for w in self.engine.list_watches(client.id)]
+
+    def _count(self, client: ClientHandle, p: Params) -> int:
+        wid = p.integer("id")
+        p.done()
+        return self.engine.count(client.id, wid)
+
+    def _resume(self, client: ClientHandle, p: Params) -> None:
+        self.engine.resume(client.id, self._authorize_tid(client, p))
+
+    def _step(self, client: ClientHandle, p: Params) -> None:
+        self.engine.step(client.id, self._authorize_tid(client, p))
+
+    def _interrupt(self, client: ClientHandle, p: Params) -> None:
+        self.engine.interrupt(client.id, self._authorize_tid(client, p))
+
+    def _get_regs(self, client: ClientHandle, p: Params) -> dict[str, int]:
+        return self.engine.get_regs(client.id, self._authorize_tid(client, p))
+
+    def _set_regs(self, client: ClientHandle, p: Params) -> None:
+        regs = p.int_map("regs")
+        tid = self._authorize_tid(client, p)
+        self.engine.set_regs(client.id, tid, regs)
+
+    def _memory_args(self, client: ClientHandle, p: Params) -> tuple[int, int]:
+        pid = p.integer("pid", lo=1, hi=(1 << 31) - 1)
+        addr = p.integer("addr")
+        return pid, addr
+
+    def _read_memory(self, client: ClientHandle, p: Params) -> bytes:
+        pid, addr = self._memory_args(client, p)
+        size = p.integer("size", lo=0, hi=MAX_MEMORY)
+        p.done()
+        self._authorize(client, pid)
+        return _kernel.read_memory(pid, addr, size)
+
+    def _write_memory(self, client: ClientHandle, p: Params) -> None:
+        pid, addr = self._memory_args(client, p)
+        data = p.binary("data")
+        p.done()
+        if len(data) > MAX_MEMORY:
+            raise InvalidArgumentError(f"write_memory: at most {MAX_MEMORY} bytes per call")
+        self._authorize(client, pid)
+        if pid not in self.engine.targets:
+            raise NoSuchProcessError(
+                f"write_memory: process {pid} is not managed by the daemon; set a watch on it first"
+            )
+        _kernel.write_memory(pid, addr, data)
+
+    def _peek_dr(self, client: ClientHandle, p: Params) -> int:
+        n = p.integer("n", lo=-(1 << 63), hi=(1 << 63) - 1)
+        tid = self._authorize_tid(client, p)
+        return self.rawdr.peek(client.id, tid, n)
+
+    def _poke_dr(self, client: ClientHandle, p: Params) -> None:
+        n = p.integer("n", lo=-(1 << 63), hi=(1 << 63) - 1)
+        value = p.integer("value", lo=-(1 << 63), hi=(1 << 64) - 1)
+        tid = self._authorize_tid(client, p)
+        self.rawdr.poke(client.id, tid, n, value)
+
+    def _peek_user(self, client: ClientHandle, p: Params) -> int:
+        offset = p.integer("offset", lo=-(1 << 63), hi=(1 << 64) - 1)
+        tid = self._authorize_tid(client, p)
+        return self.rawdr.peek_user(client.id, tid, offset)
+
+    def _poke_user(self, client: ClientHandle, p: Params) -> None:
+        offset = p.integer("offset", lo=-(1 << 63), hi=(1 << 64) - 1)
+        value = p.integer("value", lo=-(1 << 63), hi=(1 << 64) - 1)
+        tid = self._authorize_tid(client, p)
+        self.rawdr.poke_user(client.id, tid, offset, value)

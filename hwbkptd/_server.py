@@ -1,0 +1,716 @@
+"""The socket server: accept clients, run their sessions, dispatch requests, push events.
+
+Theory of operation
+-------------------
+The server is the only layer of the daemon that does socket I/O. It owns the listening Unix
+socket and one :class:`ClientHandle` per connection; everything else (watches, slots,
+ptrace) lives behind the :class:`Backend` seam, which the server calls with plain method
+calls from the trio main thread.
+
+Each connection runs in its own nursery with two tasks:
+
+* the **reader** feeds bytes to a sans-I/O :class:`hwbkpt_proto.Connection` and handles the
+  requests it yields *one at a time, in order* (a client's next request is not even read
+  before the previous one is answered: this keeps the engine free of per-client
+  concurrency and gives natural back-pressure). Different clients run concurrently.
+* the **writer** drains the client's outgoing queue. Everything queued since its last send
+  goes out in *one* ``send_all``: under a storm of ``hit`` events that turns thousands of
+  tiny writes into a few large ones.
+
+Responses and events share that queue, so a client sees them in the order they were
+produced. Responses are never dropped. Events are bounded per client
+(``max_queued_events``): a droppable event (``hit``) that finds the queue full is counted
+and dropped, and the next event that fits is preceded by a ``lost`` event with the count;
+an event that must not be lost (``stop``) finding the queue full disconnects the client,
+whose holds the backend then releases in ``client_disconnected`` (DESIGN.md §7).
+
+Exceptions become error responses in exactly one place (:meth:`Server._answer`):
+a :class:`HwbkptError` with its own code, anything else as ``EINTERNAL`` with the traceback
+logged. A malformed byte stream closes that one connection after an ``EPROTO`` error.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import grp
+import importlib
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from hwbkpt_proto import (
+    PROTOCOL_VERSION,
+    Connection,
+    HwbkptError,
+    InternalError,
+    LimitExceededError,
+    Limits,
+    NotFoundError,
+    Notification,
+    ProtocolError,
+    Request,
+    Response,
+    response_for_error,
+)
+from hwbkptd._config import Config
+
+__all__ = [
+    "Backend",
+    "ClientHandle",
+    "Counters",
+    "NullBackend",
+    "Server",
+    "StartupError",
+    "serve",
+]
+
+log = logging.getLogger("hwbkptd.server")
+
+#: Hardware breakpoint slots per x86-64 thread (DR0-DR3).
+SLOTS_PER_THREAD = 4
+
+#: How long a client we are disconnecting gets to take its last message.
+_DISCONNECT_GRACE = 1.0
+
+#: How long a client refused for the client limit gets to send the request we refuse.
+_REFUSE_GRACE = 2.0
+
+_RECV_SIZE = 65536
+
+
+def daemon_version() -> str:
+    """The installed version of the hwbkptd distribution."""
+    from hwbkptd import __version__
+
+    return __version__
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do. ``main`` exits 1."""
+
+
+class ClientHandle:
+    """One client connection, as the backend sees it.
+
+    ``pid``, ``uid`` and ``gid`` are the peer's ``SO_PEERCRED`` credentials, read at accept
+    (the credentials of the process that called ``connect``); authorize against them.
+    ``name`` is what the client said in ``hello`` (``None`` before).
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        pid: int,
+        uid: int,
+        gid: int,
+        *,
+        max_queued_events: int,
+        cancel_scope: trio.CancelScope,
+    ) -> None:
+        self.id = client_id
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.name: str | None = None
+        self.connected_at = time.time()
+        self.disconnect_reason: str | None = None
+        self._conn = Connection(Limits())
+        self._max_queued_events = max_queued_events
+        self._cancel_scope = cancel_scope
+        # Encoded messages waiting for the writer, and how many of them are events.
+        self._out: collections.deque[bytes] = collections.deque()
+        self._queued_events = 0
+        self._lost = 0
+        self._wakeup = trio.lowlevel.ParkingLot()
+        self.events_sent = 0
+        self.events_dropped = 0
+        self._server_counters: Counters | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<client {self.id} pid={self.pid} uid={self.uid} gid={self.gid} "
+            f"name={self.name!r}>"
+        )
+
+    @property
+    def closing(self) -> bool:
+        """True once the client is being disconnected; further events are not queued."""
+        return self.disconnect_reason is not None
+
+    def send_event(
+        self, kind: str, fields: dict[str, Any], *, droppable: bool = True
+    ) -> bool:
+        """Queue the event ``kind`` with ``fields`` for this client; never blocks.
+
+        Call it from any trio task of the main thread. When the client's queue already holds
+        ``max_queued_events`` events, a droppable event is counted and dropped (the client
+        gets a ``lost`` event before the next one that fits) and a non-droppable one
+        disconnects the client. Returns ``False`` if the event was not queued.
+
+        Raises :class:`ProtocolError` if ``fields`` cannot be encoded (a backend bug).
+        """
+        if self.closing:
+            return False
+        if self._queued_events >= self._max_queued_events:
+            if droppable:
+                self._lost += 1
+                self.events_dropped += 1
+                if self._server_counters is not None:
+                    self._server_counters.events_dropped += 1
+                return False
+            self.disconnect(
+                f"the client did not read its events: {self._queued_events} are queued "
+                f"and a {kind!r} event cannot be dropped"
+            )
+            return False
+        data = self._conn.send(Notification(kind, fields))
+        if self._lost:
+            lost = Notification("lost", {"count": self._lost, "what": "hit"})
+            self._enqueue(self._conn.send(lost), event=True)
+            self._lost = 0
+        self._enqueue(data, event=True)
+        return True
+
+    def disconnect(self, reason: str, *, code: str | None = None) -> None:
+        """Close this connection soon: queue a ``disconnected`` event, then hang up.
+
+        ``code`` (an error code such as ``EPROTO``) is added to the event when given. The
+        client gets a short grace period to read what is queued; a client that does not
+        read is cut off when it ends. ``Backend.client_disconnected`` follows as for any
+        disconnect. Calling it again does nothing.
+        """
+        if self.closing:
+            return
+        self.disconnect_reason = reason
+        log.info("disconnecting %r: %s", self, reason)
+        fields: dict[str, Any] = {"reason": reason}
+        if code is not None:
+            fields["code"] = code
+        with contextlib.suppress(ProtocolError):
+            self._enqueue(self._conn.send(Notification("disconnected", fields)))
+        self._cancel_scope.deadline = min(
+            self._cancel_scope.deadline, trio.current_time() + _DISCONNECT_GRACE
+        )
+        self._wakeup.unpark_all()
+
+    # -- used by the server -------------------------------------------------------------
+
+    def _enqueue(self, data: bytes, *, event: bool = False) -> None:
+        self._out.append(data)
+        if event:
+            self._queued_events += 1
+        self._wakeup.unpark_all()
+
+    def _queue_response(self, response: Response) -> None:
+        """Queue a response; never dropped, except that nothing follows ``disconnected``.
+
+        Raises ProtocolError if it cannot be encoded.
+        """
+        data = self._conn.send(response)
+        if not self.closing:
+            self._enqueue(data)
+
+    async def _writer(self, stream: trio.SocketStream) -> None:
+        while True:
+            if not self._out:
+                if self.closing:
+                    # Everything, the ``disconnected`` event included, has been sent.
+                    self._cancel_scope.cancel()
+                    return
+                await self._wakeup.park()
+                continue
+            batch = b"".join(self._out)
+            sent_events = self._queued_events
+            self._out.clear()
+            self._queued_events = 0
+            await stream.send_all(batch)
+            self.events_sent += sent_events
+            if self._server_counters is not None:
+                self._server_counters.events_sent += sent_events
+
+
+class Backend(Protocol):
+    """The engine as the server sees it (``hwbkptd._rpc.EngineBackend`` implements it).
+
+    All methods are called from the trio main thread. Optional extras the server looks for
+    with ``getattr``: ``capabilities: list[str]`` (reported by ``hello``).
+    """
+
+    def client_connected(self, client: ClientHandle) -> None:
+        """A client connected (before its ``hello``)."""
+
+    def client_disconnected(self, client: ClientHandle) -> None:
+        """The client is gone: release what it owns. Called exactly once per client,
+        possibly after :meth:`shutdown`."""
+
+    async def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
+        """Run one request; raise a :class:`HwbkptError` subclass to fail it
+        (:class:`NotFoundError` for an unknown method)."""
+
+    def status(self) -> dict[str, Any]:
+        """Merged into the ``status`` result. ``counters`` is merged into the server's
+        counters; ``clients`` (a map of client id to a dict) into each client's entry."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work; started with ``nursery.start`` before the socket listens."""
+
+    def shutdown(self) -> None:
+        """SIGTERM/SIGINT: detach from everything, leave every target running."""
+
+
+class NullBackend:
+    """A backend with no engine: the server's own methods work, every other one is unknown."""
+
+    capabilities: list[str] = []
+
+    def client_connected(self, client: ClientHandle) -> None:
+        pass
+
+    def client_disconnected(self, client: ClientHandle) -> None:
+        pass
+
+    async def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
+        await trio.lowlevel.checkpoint()
+        raise NotFoundError(
+            f"unknown method {method!r} (this daemon runs without an engine backend)"
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {"targets": [], "backend": "null"}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    def shutdown(self) -> None:
+        pass
+
+
+@dataclass
+class Counters:
+    """The server's counters, reported by ``status``."""
+
+    clients_total: int = 0
+    requests: int = 0
+    errors: int = 0
+    events_sent: int = 0
+    events_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "clients_total": self.clients_total,
+            "requests": self.requests,
+            "errors": self.errors,
+            "events_sent": self.events_sent,
+            "events_dropped": self.events_dropped,
+        }
+
+
+def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the peer of a connected Unix socket (``SO_PEERCRED``, unix(7))."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+@dataclass
+class Server:
+    """Serves one backend on listening sockets; see the module docstring."""
+
+    config: Config
+    backend: Backend
+    counters: Counters = field(default_factory=Counters)
+    clients: dict[int, ClientHandle] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    socket_paths: list[str] = field(default_factory=list)
+    _next_client_id: int = 1
+
+    # -- connections --------------------------------------------------------------------
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Run one client's session until it hangs up, misbehaves or is disconnected."""
+        try:
+            pid, uid, gid = peer_credentials(stream.socket)
+        except OSError as err:
+            log.warning("cannot read the credentials of a new connection: %s", err)
+            await stream.aclose()
+            return
+        client_id = self._next_client_id
+        self._next_client_id += 1
+        async with stream:
+            if len(self.clients) >= self.config.max_clients:
+                await self._refuse(stream, client_id, pid, uid)
+                return
+            with trio.CancelScope() as scope:
+                client = ClientHandle(
+                    client_id,
+                    pid,
+                    uid,
+                    gid,
+                    max_queued_events=self.config.max_queued_events,
+                    cancel_scope=scope,
+                )
+                client._server_counters = self.counters
+                self.clients[client_id] = client
+                self.counters.clients_total += 1
+                log.info("%r connected", client)
+                try:
+                    self.backend.client_connected(client)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(client._writer, stream)
+                        await self._reader(client, stream)
+                        # The peer hung up: the writer has no one left to write to.
+                        nursery.cancel_scope.cancel()
+                except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                    log.info("%r: connection broken: %s", client, group.exceptions[0])
+                except* Exception:
+                    # Never let one connection take the listener (and the daemon) down.
+                    log.exception("%r: connection task failed", client)
+                finally:
+                    del self.clients[client_id]
+                    log.info(
+                        "%r disconnected%s",
+                        client,
+                        f" ({client.disconnect_reason})" if client.disconnect_reason else "",
+                    )
+                    try:
+                        self.backend.client_disconnected(client)
+                    except Exception:
+                        log.exception("backend.client_disconnected(%r) failed", client)
+
+    async def _refuse(self, stream: trio.SocketStream, client_id: int, pid: int, uid: int) -> None:
+        """Answer the first request of a client over the client limit with ELIMIT, hang up."""
+        err = LimitExceededError(
+            f"the daemon already serves {self.config.max_clients} clients "
+            "(its --max-clients); try again later"
+        )
+        log.warning("refusing client %d (pid %d, uid %d): %s", client_id, pid, uid, err)
+        conn = Connection(Limits())
+        with trio.move_on_after(_REFUSE_GRACE):
+            with contextlib.suppress(trio.BrokenResourceError, ProtocolError):
+                while True:
+                    data = await stream.receive_some(_RECV_SIZE)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                    msg = conn.next_message()
+                    if isinstance(msg, Request):
+                        await stream.send_all(conn.send(response_for_error(msg.msgid, err)))
+                        return
+                    if msg is not None:
+                        break
+                await stream.send_all(
+                    conn.send(
+                        Notification("disconnected", {"reason": err.message, "code": err.code})
+                    )
+                )
+
+    async def _reader(self, client: ClientHandle, stream: trio.SocketStream) -> None:
+        conn = client._conn
+        while True:
+            try:
+                data = await stream.receive_some(_RECV_SIZE)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            try:
+                conn.receive_data(data)
+                while (msg := conn.next_message()) is not None:
+                    if isinstance(msg, Request):
+                        await self._answer(client, msg)
+                    elif isinstance(msg, Notification):
+                        log.debug("%r sent notification %r; ignored", client, msg.method)
+                    else:
+                        log.debug("%r sent a response (msgid %d); ignored", client, msg.msgid)
+            except ProtocolError as err:
+                self.counters.errors += 1
+                log.warning("%r: protocol error, closing: %s", client, err.message)
+                client.disconnect(f"protocol error: {err.message}", code=err.code)
+                # Stop reading; the writer flushes the error and ends the connection.
+                await trio.sleep_forever()
+
+    # -- requests -----------------------------------------------------------------------
+
+    async def _answer(self, client: ClientHandle, request: Request) -> None:
+        """Run one request and queue its response: the one place errors become responses."""
+        self.counters.requests += 1
+        response: Response
+        try:
+            result = await self._dispatch(client, request.method, request.params)
+        except HwbkptError as err:
+            log.debug("%r %s failed: %s %s", client, request.method, err.code, err.message)
+            response = response_for_error(request.msgid, err)
+        except Exception as err:
+            log.exception("%r %s(%r) crashed", client, request.method, request.params)
+            response = response_for_error(
+                request.msgid,
+                InternalError(
+                    f"{request.method} failed inside the daemon ({type(err).__name__}: {err}); "
+                    "this is a bug, the daemon's log has the traceback"
+                ),
+            )
+        else:
+            try:
+                client._queue_response(Response(request.msgid, None, result))
+                return
+            except ProtocolError as err:
+                # The result cannot be encoded: the daemon's bug, not the client's.
+                log.error("%r %s: cannot encode the result: %s", client, request.method, err)
+                response = response_for_error(
+                    request.msgid,
+                    InternalError(f"{request.method}: the daemon could not encode its result"),
+                )
+        self.counters.errors += 1
+        client._queue_response(response)
+
+    async def _dispatch(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
+        if method == "hello":
+            return self._hello(client, params)
+        if client.name is None:
+            raise ProtocolError(f"the first request must be 'hello', not {method!r}")
+        if method == "status":
+            await trio.lowlevel.checkpoint()
+            return self.status()
+        if method == "ping":
+            # A round trip that touches nothing: liveness checks, latency, tests.
+            await trio.lowlevel.checkpoint()
+            return params.get("data")
+        return await self.backend.call(client, method, params)
+
+    def _hello(self, client: ClientHandle, params: dict[str, Any]) -> dict[str, Any]:
+        if client.name is not None:
+            raise ProtocolError("'hello' was already sent on this connection")
+        version = params.get("version")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {version!r} is not supported; this daemon speaks "
+                f"version {PROTOCOL_VERSION} (upgrade the client or the daemon)"
+            )
+        name = params.get("name", "")
+        if not isinstance(name, str):
+            raise ProtocolError(f"hello: name must be a string, got {type(name).__name__}")
+        client.name = name or f"pid {client.pid}"
+        log.info("%r said hello", client)
+        return {
+            "version": PROTOCOL_VERSION,
+            "daemon_version": daemon_version(),
+            "slots_per_thread": SLOTS_PER_THREAD,
+            "capabilities": list(getattr(self.backend, "capabilities", [])),
+            "client_id": client.id,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The ``status`` result: the server's view merged with ``backend.status()``."""
+        extra = dict(self.backend.status())
+        per_client = extra.pop("clients", None) or {}
+        backend_counters = extra.pop("counters", None) or {}
+        clients = []
+        for client in self.clients.values():
+            entry: dict[str, Any] = {
+                "id": client.id,
+                "pid": client.pid,
+                "uid": client.uid,
+                "gid": client.gid,
+                "name": client.name,
+                "queued_events": client._queued_events,
+                "events_dropped": client.events_dropped,
+            }
+            entry.update(per_client.get(client.id, {}))
+            clients.append(entry)
+        result: dict[str, Any] = {
+            "pid": os.getpid(),
+            "version": daemon_version(),
+            "protocol_version": PROTOCOL_VERSION,
+            "uptime": time.monotonic() - self.started_at,
+            "socket": ", ".join(self.socket_paths) or self.config.socket_path,
+            "clients": clients,
+            "counters": {**self.counters.as_dict(), **backend_counters},
+        }
+        result.update(extra)
+        return result
+
+
+# -- the listening socket -----------------------------------------------------------------
+
+
+def _systemd() -> Any:
+    """``hwbkptd._systemd`` (socket activation, sd_notify) if it is installed, else None."""
+    try:
+        return importlib.import_module("hwbkptd._systemd")
+    except ImportError:
+        return None
+
+
+def _notify(state: str) -> None:
+    sd = _systemd()
+    if sd is not None:
+        try:
+            sd.notify(state)
+        except Exception:
+            log.exception("sd_notify(%r) failed", state)
+
+
+def _check_not_running(path: str) -> None:
+    """Refuse to start over a live daemon; remove a stale socket file.
+
+    Raises :class:`StartupError` if a daemon answers on ``path`` or the path is not a socket.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; remove it or pick another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as err:
+        raise StartupError(f"cannot check whether a daemon runs on {path}: {err}") from err
+    finally:
+        probe.close()
+    raise StartupError(
+        f"another hwbkptd is already running on {path}; stop it first "
+        "(systemctl stop hwbkptd, or kill the process) or pick another --socket"
+    )
+
+
+def bind_socket(path: str) -> socket.socket:
+    """Create the listening socket at ``path``: parent directory 0755, socket 0660.
+
+    The socket's group is ``hwbkpt`` when that group exists (DESIGN.md §7). Raises
+    :class:`StartupError` when a daemon already runs there or the path cannot be used.
+    """
+    _check_not_running(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+            os.chmod(parent, 0o755)
+        except OSError as err:
+            raise StartupError(f"cannot create the socket directory {parent}: {err}") from err
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind with a umask that never lets the socket be more open than 0660, even briefly.
+        old_umask = os.umask(0o117)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o660)
+        with contextlib.suppress(KeyError, PermissionError):
+            os.chown(path, -1, grp.getgrnam("hwbkpt").gr_gid)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise StartupError(f"{path} is in use by another process") from err
+        raise StartupError(f"cannot listen on {path}: {err}") from err
+    return sock
+
+
+@contextlib.contextmanager
+def _listening_sockets(config: Config) -> Iterator[list[socket.socket]]:
+    """The sockets to serve on; removes the socket file at the end if we made it."""
+    sd = _systemd()
+    inherited: list[socket.socket] = list(sd.listen_fds()) if sd is not None else []
+    if inherited:
+        log.info("serving on %d socket(s) passed by systemd", len(inherited))
+        try:
+            yield inherited
+        finally:
+            for s in inherited:
+                s.close()
+        return
+    sock = bind_socket(config.socket_path)
+    ino = os.stat(config.socket_path).st_ino
+    try:
+        yield [sock]
+    finally:
+        sock.close()
+        # Remove the file only if it is still ours (not a successor's socket).
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(config.socket_path).st_ino == ino:
+                os.unlink(config.socket_path)
+
+
+def _sockname(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, bytes):  # abstract namespace
+        return "@" + name[1:].decode(errors="replace")
+    return str(name)
+
+
+async def _signals(cancel_scope: trio.CancelScope, shutdown: Callable[[], None]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            shutdown()
+            cancel_scope.cancel()
+            return
+
+
+async def serve(
+    config: Config,
+    backend: Backend,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until SIGTERM or SIGINT; then shut the backend down and return.
+
+    Raises :class:`StartupError` when the socket cannot be used (another daemon runs there,
+    no permission, ...).
+    """
+    server = Server(config, backend)
+    shut_down = False
+
+    def shutdown() -> None:
+        nonlocal shut_down
+        if shut_down:
+            return
+        shut_down = True
+        _notify("STOPPING=1")
+        try:
+            backend.shutdown()
+        except Exception:
+            log.exception("backend.shutdown() failed")
+
+    with _listening_sockets(config) as socks:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_signals, nursery.cancel_scope, shutdown)
+                await nursery.start(backend.run)
+                listeners = [
+                    trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks
+                ]
+                await nursery.start(
+                    trio.serve_listeners, server.handle_connection, listeners
+                )
+                server.socket_paths = [_sockname(s) for s in socks]
+                log.info(
+                    "hwbkptd %s listening on %s (pid %d)",
+                    daemon_version(),
+                    ", ".join(server.socket_paths),
+                    os.getpid(),
+                )
+                _notify("READY=1")
+                task_status.started(server)
+        finally:
+            shutdown()

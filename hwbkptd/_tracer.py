@@ -1,0 +1,230 @@
+"""The tracer loop: feeds wait statuses and perf sample rings to the engine.
+
+Theory of operation
+-------------------
+ptrace attachments belong to the OS thread that made them, so every ptrace request is made
+from the trio main thread — here and in the engine, which this module drives. Nothing is
+polled: the loop sleeps until
+
+* ``SIGCHLD`` arrives (trio's signal receiver, in the main thread): a traced thread changed
+  state. :func:`hwbkptd._kernel.wait_all` drains every pending status (signals coalesce, so
+  one SIGCHLD can stand for many) and each is handed to the engine in order;
+* the epoll set of notify-mode events becomes readable: their rings are drained in batches;
+* a periodic tick: rings below their wake-up mark are flushed, and specs the kernel refused
+  with ENOSPC are retried (capacity held by other perf or ptrace users may have come back).
+
+:class:`KernelPort` is the engine's view of the kernel layer; it adds what is policy rather
+than syscall (e.g. explaining an ``EPERM`` from ``PTRACE_SEIZE`` as "already traced by …").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Mapping
+
+import trio
+
+from hwbkpt_proto import BusyError, HwbkptError, NoSuchProcessError, PermissionDeniedError
+from hwbkptd import _kernel
+from hwbkptd._engine import Engine, SigInfo
+from hwbkptd._model import Mode, Spec
+
+__all__ = ["KernelPort", "Tracer"]
+
+log = logging.getLogger(__name__)
+
+TICK = 0.02  # seconds between ring flushes while notify slots exist
+RETRY_BUSY = 1.0  # seconds between retries of specs the kernel refused
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+class KernelPort:
+    """The engine's :class:`~hwbkptd._engine.Port`, realized with :mod:`hwbkptd._kernel`."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.notify: dict[int, _kernel.BreakpointEvent] = {}  # fd -> event
+        self.tokens: dict[int, int] = {}  # fd -> token
+        self._self = os.getpid()
+
+    def seize(self, tid: int) -> None:
+        try:
+            _kernel.seize(tid)
+        except PermissionDeniedError as err:
+            try:
+                tracer = _kernel.tracer_of(tid)
+            except HwbkptError:
+                tracer = 0
+            if tracer == self._self:
+                return  # auto-attached already (a clone of a seized thread)
+            if tracer:
+                raise BusyError(
+                    f"thread {tid} is already traced by pid {tracer} ({_comm(tracer)}); the kernel "
+                    "allows one tracer per thread: detach that debugger, or reach the process "
+                    "through hwbkptd"
+                ) from err
+            raise
+
+    def threads_of(self, pid: int) -> list[int]:
+        return _kernel.threads_of(pid)
+
+    def tgid_of(self, tid: int) -> int:
+        return _kernel.tgid_of(tid)
+
+    def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object:
+        event = _kernel.BreakpointEvent(tid, spec.addr, spec.length, spec.access, mode, token)
+        if mode is Mode.NOTIFY:
+            self.notify[event.fd] = event
+            self.tokens[event.fd] = token
+            self.epoll.register(event.fd, select.EPOLLIN)
+        return event
+
+    def close_slot(self, handle: object) -> None:
+        assert isinstance(handle, _kernel.BreakpointEvent)
+        if handle.fd in self.notify:
+            self.epoll.unregister(handle.fd)
+            del self.notify[handle.fd]
+            del self.tokens[handle.fd]
+        handle.close()
+
+    def read_count(self, handle: object) -> int:
+        assert isinstance(handle, _kernel.BreakpointEvent)
+        return handle.read_count()
+
+    def siginfo(self, tid: int) -> SigInfo:
+        info = _kernel.getsiginfo(tid)
+        return SigInfo(code=info.code, perf_data=info.perf_data)
+
+    def eventmsg(self, tid: int) -> int:
+        return _kernel.geteventmsg(tid)
+
+    def cont(self, tid: int, sig: int) -> None:
+        _kernel.cont(tid, sig)
+
+    def singlestep(self, tid: int, sig: int) -> None:
+        _kernel.singlestep(tid, sig)
+
+    def interrupt(self, tid: int) -> None:
+        _kernel.interrupt(tid)
+
+    def listen(self, tid: int) -> None:
+        _kernel.listen(tid)
+
+    def detach(self, tid: int, sig: int) -> None:
+        _kernel.detach(tid, sig)
+
+    def getregs(self, tid: int) -> dict[str, int]:
+        return _kernel.getregs(tid)
+
+    def setregs(self, tid: int, regs: Mapping[str, int]) -> None:
+        _kernel.setregs(tid, regs)
+
+    def pending_signals(self, tid: int) -> int:
+        try:
+            return _kernel.pending_signals(tid)
+        except NoSuchProcessError:
+            return 0
+
+
+class Tracer:
+    """Runs the loop of the module docstring for one engine."""
+
+    def __init__(self, engine: Engine, port: KernelPort) -> None:
+        self.engine = engine
+        self.port = port
+        self.wakeups = 0
+
+    def drain_waits(self) -> None:
+        """Hand every pending wait status to the engine."""
+        engine = self.engine
+        for tid, status in _kernel.wait_all():
+            event = _kernel.decode_status(status)
+            try:
+                if isinstance(event, _kernel.SignalStop):
+                    engine.on_signal_stop(tid, event.signal)
+                elif isinstance(event, _kernel.EventStop):
+                    engine.on_event_stop(tid, event.event, event.signal)
+                elif isinstance(event, _kernel.GroupStop):
+                    engine.on_group_stop(tid, event.signal)
+                elif isinstance(event, _kernel.Exited):
+                    engine.on_exited(tid, event.code, None)
+                elif isinstance(event, _kernel.Killed):
+                    engine.on_exited(tid, None, event.signal)
+            except Exception:
+                # A bug must not leave a thread stopped: log it, let the thread go on.
+                log.exception("engine failed on %s of thread %d", event, tid)
+                if not isinstance(event, _kernel.Exited | _kernel.Killed):
+                    try:
+                        _kernel.cont(
+                            tid,
+                            event.signal
+                            if isinstance(event, _kernel.SignalStop)
+                            and event.signal != signal.SIGTRAP
+                            else 0,
+                        )
+                    except HwbkptError:
+                        pass
+
+    def drain_rings(self, fds: list[int] | None = None) -> None:
+        """Drain the rings of the given notify fds (default: all)."""
+        port = self.port
+        for fd in fds if fds is not None else list(port.notify):
+            event = port.notify.get(fd)
+            if event is None:
+                continue
+            samples, lost = event.drain()
+            if samples or lost:
+                self.engine.on_samples(port.tokens[fd], samples, lost)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._rings)
+                nursery.start_soon(self._ticks)
+                task_status.started()
+                self.drain_waits()
+                async for _ in sigchld:
+                    self.wakeups += 1
+                    self.drain_waits()
+
+    async def _rings(self) -> None:
+        epoll = self.port.epoll
+        while True:
+            await trio.lowlevel.wait_readable(epoll.fileno())
+            ready = [fd for fd, _ in epoll.poll(0)]
+            self.drain_rings(ready)
+
+    async def _ticks(self) -> None:
+        last_retry = time.monotonic()
+        while True:
+            await trio.sleep(TICK)
+            if self.port.notify:
+                self.drain_rings()
+            now = time.monotonic()
+            if now - last_retry >= RETRY_BUSY:
+                last_retry = now
+                self.engine.retry_busy()
+
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Detach every thread, waiting (blocking) for each to reach a stop to detach at."""
+        self.drain_waits()
+        self.engine.shutdown()
+        deadline = time.monotonic() + timeout
+        while self.engine.traced() and time.monotonic() < deadline:
+            self.drain_waits()
+            if self.engine.traced():
+                time.sleep(0.001)
+        left = self.engine.traced()
+        if left:
+            log.warning("threads still traced at exit (the kernel detaches them): %s", left)

@@ -1,0 +1,287 @@
+"""One end of a hwbkpt msgpack-RPC byte stream, with no I/O: bytes in, messages out, and back.
+
+Theory of operation
+===================
+
+The caller owns the socket. It hands every byte it reads to :meth:`Connection.receive_data`
+and then calls :meth:`Connection.next_message` until it returns ``None`` ("need more
+data"); to send, it writes the bytes :meth:`Connection.send` returns. The same class serves
+the daemon and the clients: the stream is symmetric (either side may send any message).
+
+Where the bytes go
+------------------
+msgpack has no length prefix: the only way to find where a message ends is to parse it. We
+let ``msgpack.Unpacker`` (the C extension) parse incrementally, but we never hand it more
+than it may keep. Received bytes first land in ``_pending``; they are fed to the unpacker
+only while the message being parsed has used fewer than ``max_message_size`` bytes. So:
+
+* memory held for one connection is at most ``max_message_size`` in the unpacker (plus
+  the objects it has built so far for that message) plus whatever the caller has handed
+  us and not yet drained with ``next_message``;
+* a message that is still incomplete after ``max_message_size`` bytes is refused at that
+  point — a peer that announces a 1 GiB ``bin`` is stopped after 4 MiB, not after 1 GiB.
+
+``_start`` is the stream offset where the current message began (``Unpacker.tell()`` after
+the previous message); ``_fed`` counts the bytes fed to the unpacker. The current message
+has used ``_fed - _start`` bytes. (``tell()`` itself is no help mid-message: the unpacker
+consumes partial input into its own stack of half-built objects.)
+
+:meth:`receive_data` parses ahead by at most one message (``_ready``), so it can notice an
+oversize message as soon as the bytes prove it, even if the caller does not call
+:meth:`next_message` in between; a message parsed ahead is returned by the next
+:meth:`next_message`, so nothing that arrived before a bad byte is lost.
+
+Limits, and who enforces each
+-----------------------------
+* ``max_message_size``: us, as above (the unpacker's ``max_buffer_size`` is set to the
+  same value as a second fence).
+* ``max_container_len``, ``max_str_len``, ``max_bin_len``: the unpacker
+  (``max_array_len``/``max_map_len``/``max_str_len``/``max_bin_len``/``max_ext_len``).
+  Array and map lengths are checked when their header is read, before the container is
+  allocated; str and bin lengths when the value is complete, which is bounded by
+  ``max_message_size`` anyway.
+* ``max_container_len`` also caps how many arrays and maps one message may hold in all
+  (counted by the unpacker's ``list_hook``/``object_hook`` as each completes): an empty
+  array is one byte on the wire but ~80 bytes in Python, and a 4 MiB message of them
+  took ~300 MB and 5 s to decode before this cap.
+* ``max_depth``: us, on the decoded object, in :func:`_check_value`. The unpacker has a
+  fixed internal stack (1024 levels in msgpack 1.x) and raises ``StackError`` beyond it;
+  that too becomes a :class:`ProtocolError`. Nesting cannot cost more than the bytes
+  that spell it (one byte per level), so checking after decoding is safe.
+* value types: :func:`_check_value` also refuses msgpack ``ext`` values (including the
+  timestamp extension) and map keys that are not str, int or bytes.
+
+Errors
+------
+Every exception msgpack raises while decoding is converted into :class:`ProtocolError`
+``from`` the cause in exactly one place, :func:`_decoding_errors`. After a decoding
+failure the unpacker's state is undefined, so the receiving side of the connection is
+dead: every later :meth:`receive_data` or :meth:`next_message` raises :class:`ProtocolError`
+again. :meth:`send` keeps working, so the daemon can still tell the peer why it is hanging
+up (an ``EPROTO`` response or notification), as h11 lets a server answer 400 after a bad
+request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import msgpack
+
+from hwbkpt_proto._errors import ProtocolError
+from hwbkpt_proto._messages import Limits, Message, encode, from_wire
+
+__all__ = ["Connection"]
+
+_DEFAULT_LIMITS = Limits()
+
+_T = TypeVar("_T")
+
+
+@contextmanager
+def _decoding_errors() -> Iterator[None]:
+    """Turn whatever msgpack raises while decoding into :class:`ProtocolError` (the one place).
+
+    ``OutOfData`` is not an error and is not caught here; callers handle it.
+    """
+    try:
+        yield
+    except msgpack.OutOfData:
+        raise
+    except msgpack.StackError as err:
+        raise ProtocolError(
+            "message nested too deeply for the decoder (more than 1024 levels)"
+        ) from err
+    except msgpack.BufferFull as err:
+        raise ProtocolError("message larger than the receive buffer") from err
+    except msgpack.ExtraData as err:  # only from unpackb(); kept for completeness
+        raise ProtocolError("extra bytes after a message") from err
+    except msgpack.FormatError as err:
+        raise ProtocolError("bytes are not msgpack (a reserved type byte 0xc1 or similar)") from err
+    except UnicodeDecodeError as err:
+        raise ProtocolError(f"a string is not valid UTF-8: {err.reason}") from err
+    except TypeError as err:
+        # With use_list=True a map key that is an array or map cannot be hashed.
+        raise ProtocolError(f"a map key has a type that cannot be a key: {err}") from err
+    except (ValueError, msgpack.UnpackException) as err:
+        # ValueError: "N exceeds max_array_len(M)" and friends, bad timestamp data.
+        raise ProtocolError(f"message refused: {err}") from err
+
+
+# The exact types the unpacker builds for plain msgpack; anything else (ExtType, Timestamp)
+# is an extension type, which the protocol does not use.
+_CONTAINERS = frozenset({list, dict})
+_VALUE_TYPES = frozenset({type(None), bool, int, float, str, bytes, list, dict})
+_KEY_TYPES = frozenset({str, int, bytes})
+
+
+def _check_value(obj: object, max_depth: int) -> None:
+    """Refuse nesting deeper than ``max_depth`` and values that are not plain msgpack.
+
+    Iterative, so a deep value cannot exhaust the Python stack; the per-element type test is
+    done with ``set(map(type, ...))`` so a container of 65536 scalars costs C time, not a
+    Python loop. Raises :class:`ProtocolError`.
+    """
+    if type(obj) not in _VALUE_TYPES:
+        raise ProtocolError(f"msgpack {type(obj).__name__} values are not part of the protocol")
+    stack: list[tuple[object, int]] = [(obj, 1)] if type(obj) in _CONTAINERS else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise ProtocolError(f"message nested more than {max_depth} arrays/maps deep")
+        if isinstance(value, dict):
+            bad_keys = set(map(type, value)) - _KEY_TYPES
+            if bad_keys:
+                names = ", ".join(sorted(t.__name__ for t in bad_keys))
+                raise ProtocolError(f"map keys must be strings, integers or bytes, got {names}")
+            items: Any = value.values()
+        else:
+            items = value
+        types = set(map(type, items))
+        if not types <= _VALUE_TYPES:
+            names = ", ".join(sorted(t.__name__ for t in types - _VALUE_TYPES))
+            raise ProtocolError(f"msgpack {names} values are not part of the protocol")
+        if types & _CONTAINERS:
+            stack.extend((item, depth + 1) for item in items if type(item) in _CONTAINERS)
+
+
+class Connection:
+    """Sans-I/O codec for one msgpack-RPC stream (see the theory of operation above)."""
+
+    def __init__(self, limits: Limits = _DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            use_list=True,
+            strict_map_key=False,  # results map tids (ints) to states
+            max_buffer_size=limits.max_message_size,
+            max_array_len=limits.max_container_len,
+            max_map_len=limits.max_container_len,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_ext_len=limits.max_bin_len,
+            list_hook=self._count_array,
+            object_hook=self._count_map,
+        )
+        self._containers = 0  # arrays and maps completed in the current message
+        self._pending = bytearray()  # received, not yet fed to the unpacker
+        self._fed = 0  # bytes fed to the unpacker so far
+        self._start = 0  # stream offset where the current message begins
+        self._ready: list[object] = []  # at most one decoded object parsed ahead
+        self._failure: ProtocolError | None = None
+
+    def _count_array(self, value: list[Any]) -> list[Any]:
+        self._count_container()
+        return value
+
+    def _count_map(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        self._count_container()
+        return value
+
+    def _count_container(self) -> None:
+        # Called by the unpacker as each array or map is completed. An empty array costs one
+        # byte on the wire and ~80 bytes of Python objects; without this cap a 4 MiB message
+        # of empty arrays becomes ~300 MB and seconds of CPU (measured). Raising here stops
+        # the decoder mid-message.
+        self._containers += 1
+        if self._containers > self.limits.max_container_len:
+            raise ProtocolError(
+                f"message holds more than {self.limits.max_container_len} arrays and maps"
+            )
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes read from the peer.
+
+        Raises :class:`ProtocolError` if the bytes already prove the stream bad: the
+        message being received is over ``max_message_size`` and still not complete, or the
+        bytes are malformed; also if the connection failed before.
+        """
+        self._check_alive()
+        if not data:
+            return
+        self._pending += data
+        if not self._ready:
+            self._guarded(self._parse_ahead)
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or ``None`` if more bytes are needed.
+
+        Raises :class:`ProtocolError` on anything malformed: bad msgpack, a limit of
+        :class:`Limits` exceeded, or a value that is not a request, response or
+        notification. After that the connection is unusable for receiving.
+        """
+        self._check_alive()
+        if not self._ready:
+            self._guarded(self._parse_ahead)
+            if not self._ready:
+                return None
+        obj = self._ready.pop()
+        return self._guarded(lambda: self._to_message(obj))
+
+    def _to_message(self, obj: object) -> Message:
+        _check_value(obj, self.limits.max_depth)
+        return from_wire(obj)
+
+    def _parse_ahead(self) -> None:
+        """Decode at most one object into ``_ready``, feeding only what the limit allows."""
+        while True:
+            try:
+                with _decoding_errors():
+                    obj = self._unpacker.unpack()
+            except msgpack.OutOfData:
+                used = self._fed - self._start
+                room = self.limits.max_message_size - used
+                if room <= 0:
+                    raise ProtocolError(
+                        f"message exceeds the {self.limits.max_message_size}-byte limit "
+                        f"(received {used} bytes and it is not complete)"
+                    ) from None
+                if not self._pending:
+                    return
+                chunk = self._pending[:room]
+                del self._pending[:room]
+                with _decoding_errors():
+                    self._unpacker.feed(chunk)
+                self._fed += len(chunk)
+                continue
+            self._start = self._unpacker.tell()
+            self._containers = 0
+            self._ready.append(obj)
+            return
+
+    def _guarded(self, action: Callable[[], _T]) -> _T:
+        """Run ``action``; if it raises :class:`ProtocolError`, the receiving side is dead."""
+        try:
+            return action()
+        except ProtocolError as err:
+            self._failure = err
+            self._pending.clear()
+            self._ready.clear()
+            raise
+
+    def _check_alive(self) -> None:
+        if self._failure is not None:
+            raise ProtocolError(
+                f"connection already failed ({self._failure.message}); close it"
+            ) from self._failure
+
+    # -- sending -----------------------------------------------------------------------
+
+    def send(self, message: Message) -> bytes:
+        """The bytes to write to the peer for ``message``.
+
+        Raises :class:`ProtocolError` if the message cannot be encoded or its encoding is
+        larger than ``max_message_size`` (the peer would refuse it). Works even after a
+        receive failure, so an ``EPROTO`` answer can still be sent before closing.
+        """
+        data = encode(message)
+        if len(data) > self.limits.max_message_size:
+            raise ProtocolError(
+                f"{type(message).__name__} encodes to {len(data)} bytes, over the "
+                f"{self.limits.max_message_size}-byte message limit; ask for less at a time"
+            )
+        return data
