@@ -54,7 +54,7 @@ Limits, and who enforces each
 Errors
 ------
 Every exception msgpack raises while decoding is converted into :class:`ProtocolError`
-``from`` the cause in exactly one place, :func:`_decoding_errors`. After a decoding
+``from`` the cause in exactly one place, :func:`_decoding_error`. After a decoding
 failure the unpacker's state is undefined, so the receiving side of the connection is
 dead: every later :meth:`receive_data` or :meth:`next_message` raises :class:`ProtocolError`
 again. :meth:`send` keeps working, so the daemon can still tell the peer why it is hanging
@@ -64,8 +64,7 @@ request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgpack
@@ -80,34 +79,36 @@ _DEFAULT_LIMITS = Limits()
 _T = TypeVar("_T")
 
 
-@contextmanager
-def _decoding_errors() -> Iterator[None]:
-    """Turn whatever msgpack raises while decoding into :class:`ProtocolError` (the one place).
+# What msgpack may raise while decoding; OutOfData ("need more bytes") is not among them.
+_DECODE_FAILURES = (
+    msgpack.StackError,
+    msgpack.BufferFull,
+    msgpack.ExtraData,
+    msgpack.FormatError,
+    UnicodeDecodeError,
+    TypeError,
+    ValueError,
+    msgpack.UnpackException,
+)
 
-    ``OutOfData`` is not an error and is not caught here; callers handle it.
-    """
-    try:
-        yield
-    except msgpack.OutOfData:
-        raise
-    except msgpack.StackError as err:
-        raise ProtocolError(
-            "message nested too deeply for the decoder (more than 1024 levels)"
-        ) from err
-    except msgpack.BufferFull as err:
-        raise ProtocolError("message larger than the receive buffer") from err
-    except msgpack.ExtraData as err:  # only from unpackb(); kept for completeness
-        raise ProtocolError("extra bytes after a message") from err
-    except msgpack.FormatError as err:
-        raise ProtocolError("bytes are not msgpack (a reserved type byte 0xc1 or similar)") from err
-    except UnicodeDecodeError as err:
-        raise ProtocolError(f"a string is not valid UTF-8: {err.reason}") from err
-    except TypeError as err:
+
+def _decoding_error(err: BaseException) -> ProtocolError:
+    """The :class:`ProtocolError` for what msgpack raised while decoding (the one place)."""
+    if isinstance(err, msgpack.StackError):
+        return ProtocolError("message nested too deeply for the decoder (more than 1024 levels)")
+    if isinstance(err, msgpack.BufferFull):
+        return ProtocolError("message larger than the receive buffer")
+    if isinstance(err, msgpack.ExtraData):  # only from unpackb(); kept for completeness
+        return ProtocolError("extra bytes after a message")
+    if isinstance(err, msgpack.FormatError):
+        return ProtocolError("bytes are not msgpack (a reserved type byte 0xc1 or similar)")
+    if isinstance(err, UnicodeDecodeError):
+        return ProtocolError(f"a string is not valid UTF-8: {err.reason}")
+    if isinstance(err, TypeError):
         # With use_list=True a map key that is an array or map cannot be hashed.
-        raise ProtocolError(f"a map key has a type that cannot be a key: {err}") from err
-    except (ValueError, msgpack.UnpackException) as err:
-        # ValueError: "N exceeds max_array_len(M)" and friends, bad timestamp data.
-        raise ProtocolError(f"message refused: {err}") from err
+        return ProtocolError(f"a map key has a type that cannot be a key: {err}")
+    # ValueError: "N exceeds max_array_len(M)" and friends, bad timestamp data.
+    return ProtocolError(f"message refused: {err}")
 
 
 # The exact types the unpacker builds for plain msgpack; anything else (ExtType, Timestamp)
@@ -220,7 +221,11 @@ class Connection:
             if not self._ready:
                 return None
         obj = self._ready.pop()
-        return self._guarded(lambda: self._to_message(obj))
+        try:
+            return self._to_message(obj)
+        except ProtocolError as err:
+            self._fail(err)
+            raise
 
     def _to_message(self, obj: object) -> Message:
         _check_value(obj, self.limits.max_depth)
@@ -228,27 +233,35 @@ class Connection:
 
     def _parse_ahead(self) -> None:
         """Decode at most one object into ``_ready``, feeding only what the limit allows."""
+        unpacker = self._unpacker
         while True:
+            if self._pending:
+                # Feed first (the common case: a whole message arrived), so that decoding
+                # does not start with an OutOfData round; never past the message limit.
+                room = self.limits.max_message_size - (self._fed - self._start)
+                if room > 0:
+                    chunk = self._pending[:room]
+                    del self._pending[:room]
+                    try:
+                        unpacker.feed(chunk)
+                    except _DECODE_FAILURES as err:
+                        raise _decoding_error(err) from err
+                    self._fed += len(chunk)
             try:
-                with _decoding_errors():
-                    obj = self._unpacker.unpack()
+                obj = unpacker.unpack()
             except msgpack.OutOfData:
                 used = self._fed - self._start
-                room = self.limits.max_message_size - used
-                if room <= 0:
+                if used >= self.limits.max_message_size:
                     raise ProtocolError(
                         f"message exceeds the {self.limits.max_message_size}-byte limit "
                         f"(received {used} bytes and it is not complete)"
                     ) from None
                 if not self._pending:
                     return
-                chunk = self._pending[:room]
-                del self._pending[:room]
-                with _decoding_errors():
-                    self._unpacker.feed(chunk)
-                self._fed += len(chunk)
                 continue
-            self._start = self._unpacker.tell()
+            except _DECODE_FAILURES as err:
+                raise _decoding_error(err) from err
+            self._start = unpacker.tell()
             self._containers = 0
             self._ready.append(obj)
             return
@@ -258,10 +271,13 @@ class Connection:
         try:
             return action()
         except ProtocolError as err:
-            self._failure = err
-            self._pending.clear()
-            self._ready.clear()
+            self._fail(err)
             raise
+
+    def _fail(self, err: ProtocolError) -> None:
+        self._failure = err
+        self._pending.clear()
+        self._ready.clear()
 
     def _check_alive(self) -> None:
         if self._failure is not None:
