@@ -42,12 +42,17 @@ Kernel facts this module relies on, each checked by a test in ``tests/test_kerne
   delivers it to the untraced program, whose default action kills it. Safe detach order:
   close the thread's events, interrupt, and at that stop, while :func:`pending_signals` has
   SIGTRAP, ``cont(tid, 0)`` to swallow it at its signal-delivery-stop; then detach.
-* If the tracer dies while a thread sits in a SIGTRAP *signal-delivery-stop*, the kernel
-  detaches it with the signal still set (``exit_ptrace`` does not clear ``exit_code``, unlike
-  ``PTRACE_DETACH``), so the SIGTRAP is delivered and kills the program. A thread held in a
-  ``PTRACE_EVENT_STOP`` (interrupt) stop just runs on. So a stop the daemon holds for clients
-  is converted: at the SIGTRAP stop ``interrupt(tid)`` then ``cont(tid, 0)``; the thread
-  re-stops at once in an EVENT_STOP with the same registers, and that is where it is held.
+* Tracer death (measured with a SIGKILLed tracer process): a thread held in a SIGTRAP
+  *signal-delivery-stop* and one held in a ``PTRACE_EVENT_STOP`` both run on after the
+  kernel's implicit detach; the SIGTRAP of the delivery-stop is discarded, not delivered.
+  Only a SIGTRAP still *pending* (above) would be delivered and kill the program. The
+  conversion "SIGTRAP stop → ``interrupt`` + ``cont(tid, 0)`` → EVENT_STOP with the same
+  registers" works too (no pending signal remains) and is what the tracer-death test holds.
+* A SIGKILLed tracee with PTRACE_O_TRACEEXIT still stops at ``PTRACE_EVENT_EXIT`` and stays
+  there (state ``t``) until its tracer resumes it: the daemon must ``cont`` exit stops.
+* NOTIFY rings: with 16 data pages the ring holds 2047 samples. A LOST record is written
+  only when there is room again and another sample comes, so losses of a thread that filled
+  the ring and then exited show only in the counter (:meth:`BreakpointEvent.unaccounted`).
 
 Errors: every OSError is translated into the project's exception hierarchy in one place,
 :func:`_translate_errno` (applied by the ``@_oserrors`` decorator), keeping the cause.
@@ -94,6 +99,7 @@ __all__ = [
     "TRAP_PERF",
     "TRAP_TRACE",
     "BreakpointEvent",
+    "ChildSignals",
     "EventStop",
     "Exited",
     "GroupStop",
@@ -176,6 +182,8 @@ PERF_RECORD_SAMPLE: Final = 9
 _ATTR_EXCLUDE_KERNEL: Final = 1 << 5
 _ATTR_EXCLUDE_HV: Final = 1 << 6
 _ATTR_WATERMARK: Final = 1 << 14
+_ATTR_USE_CLOCKID: Final = 1 << 25
+_CLOCK_MONOTONIC: Final = 1  # include/uapi/linux/time.h
 _ATTR_REMOVE_ON_EXEC: Final = 1 << 36
 _ATTR_SIGTRAP: Final = 1 << 37
 # PERF_ATTR_SIZE_VER7 (128 bytes) is the first size with sig_data (offset 120).
@@ -241,9 +249,7 @@ def _translate_errno(err: OSError, what: str, *, memory: bool = False) -> Hwbkpt
     return cls(f"{what}: {reason}")
 
 
-def _oserrors(
-    what: str, *, memory: bool = False
-) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+def _oserrors(what: str, *, memory: bool = False) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """Decorator: translate OSError raised by the call (``raise … from err``)."""
 
     def decorate(func: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -558,6 +564,47 @@ def wait_all() -> list[tuple[int, int]]:
         out.append((tid, status))
 
 
+class ChildSignals:
+    """A signalfd for SIGCHLD: readable whenever a traced thread changed state.
+
+    The tracer loop waits on it with epoll (trio's wait_readable) instead of a Python signal
+    handler: no handler, no wake-up socket, no task switch between the signal and the
+    waitpid that follows — this is on the path of every stop. SIGCHLD is blocked in the
+    calling thread (the only thread of the daemon) so that it is only ever read from here.
+    """
+
+    _SFD_NONBLOCK = 0o4000
+    _SFD_CLOEXEC = 0o2000000
+
+    def __init__(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        mask = ctypes.create_string_buffer(128)  # sigset_t
+        struct.pack_into("Q", mask, 0, 1 << (signal.SIGCHLD - 1))
+        fd = _libc.signalfd(-1, mask, self._SFD_NONBLOCK | self._SFD_CLOEXEC)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise _translate_errno(OSError(code, os.strerror(code)), "signalfd(SIGCHLD)")
+        self.fd: int = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def drain(self) -> None:
+        """Consume every queued SIGCHLD (they carry nothing waitpid does not tell)."""
+        while True:
+            try:
+                if not os.read(self.fd, 128 * 16):
+                    return
+            except BlockingIOError:
+                return
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
 # --- /proc -----------------------------------------------------------------------------------
 
 
@@ -626,16 +673,17 @@ def proc_creds(pid: int) -> ProcCreds:
     """Real/effective/saved uid and gid of ``pid`` and whether it is dumpable.
 
     Dumpability is not in /proc/PID/status and prctl(PR_GET_DUMPABLE) only answers for the
-    caller, so it is read from the owner of /proc/PID: the kernel's ``task_dump_owner()``
-    makes those inodes owned by the task's euid/egid only when ``get_dumpable() ==
-    SUID_DUMP_USER``, else by root. For a target whose euid is 0 the answer is ambiguous and
-    reported as dumpable; the ptrace rule lets only root act on such a target anyway.
+    caller, so it is read from the owner of /proc/PID/stat: the kernel's
+    ``task_dump_owner()`` makes a task's /proc files owned by its euid/egid only when
+    ``get_dumpable() == SUID_DUMP_USER``, else by root. (The /proc/PID *directory* always
+    shows the euid/egid, so it cannot tell.) For a target whose euid is 0 the answer is
+    ambiguous and reported as dumpable; the ptrace rule lets only root act on it anyway.
     Raises NoSuchProcessError.
     """
     fields = _status_fields(f"/proc/{pid}/status")
     ruid, euid, suid = (int(v) for v in fields["Uid"].split()[:3])
     rgid, egid, sgid = (int(v) for v in fields["Gid"].split()[:3])
-    st = os.stat(f"/proc/{pid}")
+    st = os.stat(f"/proc/{pid}/stat")
     dumpable = (st.st_uid, st.st_gid) == (euid, egid)
     return ProcCreds(ruid, euid, suid, rgid, egid, sgid, dumpable)
 
@@ -651,6 +699,8 @@ def _perf_attr(
     if mode is Mode.NOTIFY:
         sample_period, wakeup_events = 1, wakeup
         sample_type = PERF_SAMPLE_IP | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
+        # Sample times on CLOCK_MONOTONIC, the clock of stop events and of clients.
+        flags |= _ATTR_USE_CLOCKID
     elif mode is Mode.STOP:
         sample_period = 1
         flags |= _ATTR_SIGTRAP
@@ -661,6 +711,7 @@ def _perf_attr(
     struct.pack_into("IIQQQQQ", attr, 0, PERF_TYPE_BREAKPOINT, _ATTR_SIZE, 0,
                      sample_period, sample_type, 0, flags)  # fmt: skip
     struct.pack_into("IIQQ", attr, 48, wakeup_events, _BP_TYPE[access], addr, bp_len)
+    struct.pack_into("i", attr, 92, _CLOCK_MONOTONIC)  # clockid, read with use_clockid
     struct.pack_into("Q", attr, 120, sig_data & _U64)
     return attr
 

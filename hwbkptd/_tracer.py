@@ -19,12 +19,14 @@ than syscall (e.g. explaining an ``EPERM`` from ``PTRACE_SEIZE`` as "already tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 
 import trio
 
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 
 TICK = 0.02  # seconds between ring flushes while notify slots exist
 RETRY_BUSY = 1.0  # seconds between retries of specs the kernel refused
+# Notify rings wake the loop every this many samples (a quarter of the 2047 a ring holds);
+# fewer are flushed by the TICK, so a lone hit is reported within TICK seconds.
+NOTIFY_WAKEUP = 512
 
 
 def _comm(pid: int) -> str:
@@ -83,7 +88,9 @@ class KernelPort:
         return _kernel.tgid_of(tid)
 
     def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object:
-        event = _kernel.BreakpointEvent(tid, spec.addr, spec.length, spec.access, mode, token)
+        event = _kernel.BreakpointEvent(
+            tid, spec.addr, spec.length, spec.access, mode, token, wakeup=NOTIFY_WAKEUP
+        )
         if mode is Mode.NOTIFY:
             self.notify[event.fd] = event
             self.tokens[event.fd] = token
@@ -101,6 +108,14 @@ class KernelPort:
     def read_count(self, handle: object) -> int:
         assert isinstance(handle, _kernel.BreakpointEvent)
         return handle.read_count()
+
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int]:
+        assert isinstance(handle, _kernel.BreakpointEvent)
+        samples, lost = handle.drain()
+        if final:
+            # Losses the kernel had no chance to report as a PERF_RECORD_LOST.
+            lost += max(0, handle.unaccounted())
+        return samples, lost
 
     def siginfo(self, tid: int) -> SigInfo:
         info = _kernel.getsiginfo(tid)
@@ -140,9 +155,17 @@ class KernelPort:
 class Tracer:
     """Runs the loop of the module docstring for one engine."""
 
-    def __init__(self, engine: Engine, port: KernelPort) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        port: KernelPort,
+        batch: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
+        """``batch()`` wraps each round of work, so that the events one wake-up produces
+        reach each client in one write (the server corks its connections)."""
         self.engine = engine
         self.port = port
+        self.batch = batch
         self.wakeups = 0
 
     def drain_waits(self) -> None:
@@ -150,6 +173,10 @@ class Tracer:
         engine = self.engine
         for tid, status in _kernel.wait_all():
             event = _kernel.decode_status(status)
+            if isinstance(event, _kernel.Exited | _kernel.Killed) or (
+                isinstance(event, _kernel.EventStop) and event.event == _kernel.PTRACE_EVENT_EXEC
+            ):
+                _kernel.forget_memory(tid)  # the cached /proc/PID/mem is of the old image
             try:
                 if isinstance(event, _kernel.SignalStop):
                     engine.on_signal_stop(tid, event.signal)
@@ -183,34 +210,43 @@ class Tracer:
             event = port.notify.get(fd)
             if event is None:
                 continue
-            samples, lost = event.drain()
+            samples, lost = port.drain(event, False)
             if samples or lost:
                 self.engine.on_samples(port.tokens[fd], samples, lost)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+        signals = _kernel.ChildSignals()
+        try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._rings)
                 nursery.start_soon(self._ticks)
                 task_status.started()
-                self.drain_waits()
-                async for _ in sigchld:
+                while True:
+                    with self.batch():
+                        self.drain_waits()
+                    await trio.lowlevel.wait_readable(signals.fd)
+                    # Drain the signals first, then waitpid: a SIGCHLD that comes after
+                    # makes the fd readable again, so no status is ever left waiting.
+                    signals.drain()
                     self.wakeups += 1
-                    self.drain_waits()
+        finally:
+            signals.close()
 
     async def _rings(self) -> None:
         epoll = self.port.epoll
         while True:
             await trio.lowlevel.wait_readable(epoll.fileno())
             ready = [fd for fd, _ in epoll.poll(0)]
-            self.drain_rings(ready)
+            with self.batch():
+                self.drain_rings(ready)
 
     async def _ticks(self) -> None:
         last_retry = time.monotonic()
         while True:
             await trio.sleep(TICK)
             if self.port.notify:
-                self.drain_rings()
+                with self.batch():
+                    self.drain_rings()
             now = time.monotonic()
             if now - last_retry >= RETRY_BUSY:
                 last_retry = now
