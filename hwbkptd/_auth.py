@@ -11,11 +11,12 @@ process or thread, because a target's credentials change (a setuid exec).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from hwbkpt_proto import HwbkptError, NoSuchProcessError, PermissionDeniedError
 from hwbkptd import _kernel
 
-__all__ = ["CAP_SYS_PTRACE", "authorize", "has_cap_sys_ptrace"]
+__all__ = ["CAP_SYS_PTRACE", "Peer", "authorize", "has_cap_sys_ptrace"]
 
 CAP_SYS_PTRACE = 19
 
@@ -32,9 +33,29 @@ def has_cap_sys_ptrace(pid: int) -> bool:
     return False
 
 
-def authorize(peer_pid: int, peer_uid: int, peer_gid: int, target: int) -> None:
-    """Raise PermissionDeniedError unless the peer may ptrace ``target``.
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A client's credentials (SO_PEERCRED at connect) and whether it may trace anything.
 
+    ``privileged`` is decided once per connection, as the credentials it stands on are
+    those of the moment the client connected.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+    privileged: bool
+
+    @classmethod
+    def of(cls, pid: int, uid: int, gid: int) -> Peer:
+        return cls(pid, uid, gid, uid == 0 or has_cap_sys_ptrace(pid))
+
+
+def authorize(peer: Peer, target: int) -> None:
+    """Raise PermissionDeniedError unless ``peer`` may ptrace process ``target``.
+
+    A privileged peer needs no look-up (a missing process fails later with ESRCH where it
+    is used); anyone else is checked against the target's credentials as they are now.
     Raises NoSuchProcessError if ``target`` does not exist.
     """
     if target == os.getpid():
@@ -43,19 +64,19 @@ def authorize(peer_pid: int, peer_uid: int, peer_gid: int, target: int) -> None:
         )
     if target <= 0:
         raise NoSuchProcessError(f"there is no process {target}")
+    if peer.privileged:
+        return
     try:
         creds = _kernel.proc_creds(target)
     except NoSuchProcessError:
         raise
     except HwbkptError as err:
         raise NoSuchProcessError(f"process {target} cannot be inspected: {err}") from err
-    if peer_uid == 0 or has_cap_sys_ptrace(peer_pid):
-        return
     uids = {creds.ruid, creds.euid, creds.suid}
     gids = {creds.rgid, creds.egid, creds.sgid}
-    if uids != {peer_uid} or gids != {peer_gid}:
+    if uids != {peer.uid} or gids != {peer.gid}:
         raise PermissionDeniedError(
-            f"you (uid {peer_uid}, gid {peer_gid}) may not act on process {target} "
+            f"you (uid {peer.uid}, gid {peer.gid}) may not act on process {target} "
             f"(uids {creds.ruid}/{creds.euid}/{creds.suid}, gids {creds.rgid}/{creds.egid}/"
             f"{creds.sgid}): the ptrace rule needs all of them equal to yours, or CAP_SYS_PTRACE"
         )

@@ -24,3 +24,4 @@ class Config:
     max_watches: int = 1024
     max_queued_events: int = 10000
     stop_timeout: float = 30.0
+    park: bool = False

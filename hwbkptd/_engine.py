@@ -124,6 +124,7 @@ class Port(Protocol):
     def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object: ...
     def close_slot(self, handle: object) -> None: ...
     def read_count(self, handle: object) -> int: ...
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int]: ...
     def siginfo(self, tid: int) -> SigInfo: ...
     def eventmsg(self, tid: int) -> int: ...
     def cont(self, tid: int, sig: int) -> None: ...
@@ -244,7 +245,7 @@ class Engine:
         port: Port,
         emit: Emit,
         *,
-        park: bool = True,
+        park: bool = False,
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self._port = port
@@ -476,6 +477,10 @@ class Engine:
         """Release ``cid``'s hold on a stopped thread. Raises BusyError if it holds none."""
         thread = self._held_by(cid, tid)
         thread.holds.discard(cid)
+        # The last hold of a target whose watches are gone: detach now (DESIGN §5.5).
+        target = self.targets.get(thread.pid)
+        if target is not None:
+            self._maybe_detach(target)
         self._release(thread)
 
     def step(self, cid: int, tid: int) -> None:
@@ -591,10 +596,22 @@ class Engine:
                 by_client[watch.client].append(watch.id)
         if not by_client:
             return
-        for tid, ip, when in samples:
-            self.counters["hits_notified"] += 1
-            for cid, wids in by_client.items():
-                self._emit(cid, "hit", {"watches": wids, "tid": tid, "ip": ip, "time": when}, True)
+        samples = list(samples)
+        if samples:
+            self.counters["hits_notified"] += len(samples)
+            if len(samples) == 1:
+                tid, ip, when = samples[0]
+                for cid, wids in by_client.items():
+                    self._emit(
+                        cid, "hit", {"watches": wids, "tid": tid, "ip": ip, "time": when}, True
+                    )
+            else:
+                # One event for the batch, fields as arrays (PROTOCOL.md, `hits`).
+                tids, ips, times = (list(column) for column in zip(*samples, strict=True))
+                for cid, wids in by_client.items():
+                    self._emit(
+                        cid, "hits", {"watches": wids, "tid": tids, "ip": ips, "time": times}, True
+                    )
         if lost:
             self.counters["hits_lost_ring"] += lost
             for cid in by_client:
@@ -640,17 +657,20 @@ class Engine:
             threads = []
             for thread in target.threads.values():
                 installed = {s for s in thread.slots}
-                slots = [
-                    {
-                        "addr": slot.spec.addr,
-                        "length": slot.spec.length,
-                        "access": slot.spec.access.value,
-                        "mode": slot.mode.wire,
-                        "watches": [w.id for w in slot.watches],
-                        "clients": sorted({w.client for w in slot.watches}),
-                    }
-                    for slot in thread.slots.values()
-                ]
+                slots = []
+                for slot in thread.slots.values():
+                    self._refresh(slot)  # count-mode slots never trap: read them now
+                    slots.append(
+                        {
+                            "addr": slot.spec.addr,
+                            "length": slot.spec.length,
+                            "access": slot.spec.access.value,
+                            "mode": slot.mode.wire,
+                            "hits": slot.last,
+                            "watches": [w.id for w in slot.watches],
+                            "holders": sorted({w.client for w in slot.watches}),
+                        }
+                    )
                 pending = [
                     w.id
                     for w in target.watches.values()
@@ -662,7 +682,7 @@ class Engine:
                         "state": thread.state.value,
                         "slots": slots,
                         "pending": pending,
-                        "holders": sorted(thread.holds),
+                        "held_by": sorted(thread.holds),
                     }
                 )
             out.append(
@@ -884,6 +904,14 @@ class Engine:
     def _close_slot(self, thread: ThreadRec, spec: Spec) -> None:
         slot = thread.slots.pop(spec)
         self._refresh(slot)
+        if slot.mode is Mode.NOTIFY:
+            # Hits still in the ring (and losses the kernel never got to report) belong to
+            # the watches of this slot: deliver them before the ring goes.
+            try:
+                samples, lost = self._port.drain(slot.handle, True)
+            except NoSuchProcessError:
+                samples, lost = [], 0
+            self.on_samples(slot.token, samples, lost)
         self._tokens.pop(slot.token, None)
         try:
             self._port.close_slot(slot.handle)
@@ -952,7 +980,11 @@ class Engine:
             self._resume_now(thread)
             return
         thread.holds.update(stops)
-        reason = "step" if stepped and not any(stops.values()) else "watch"
+        # Per client: a completed step is "step" to its requester even when the same trap
+        # is another client's watch hit (one trap, two meanings).
+        reasons = {
+            cid: "step" if cid in stepped and not wids else "watch" for cid, wids in stops.items()
+        }
         if self._park and thread.resume_sig == 0:
             # Move the thread to an interrupt stop before telling anyone (module docstring).
             thread.parked_events = [
@@ -960,7 +992,7 @@ class Engine:
                     cid,
                     {
                         "watches": wids,
-                        "reason": reason,
+                        "reason": reasons[cid],
                         **({"dr6": dr6[cid]} if cid in dr6 else {}),
                     },
                 )
@@ -971,7 +1003,9 @@ class Engine:
             thread.interrupt_sent = True
             thread.state = ThreadState.PARKING
             return
-        self._send_stop(thread, stops, reason=reason, dr6=dr6)
+        for reason in set(reasons.values()):
+            group = {cid: wids for cid, wids in stops.items() if reasons[cid] == reason}
+            self._send_stop(thread, group, reason=reason, dr6=dr6)
 
     def _send_stop(
         self,

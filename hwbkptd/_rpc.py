@@ -9,8 +9,9 @@ or thread (:mod:`hwbkptd._auth`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -23,10 +24,10 @@ from hwbkpt_proto import (
     NotFoundError,
 )
 from hwbkptd import _kernel
-from hwbkptd._auth import authorize
+from hwbkptd._auth import Peer, authorize
 from hwbkptd._config import Config
 from hwbkptd._engine import Engine, WatchRec
-from hwbkptd._model import Access, Mode, Spec, check_spec
+from hwbkptd._model import USER_SPACE_END, Access, Mode, Spec, check_spec
 from hwbkptd._rawdr import RawDebugRegisters
 from hwbkptd._region import split_region
 from hwbkptd._server import ClientHandle
@@ -126,13 +127,14 @@ class EngineBackend:
         "debugregs",
     ]
 
-    def __init__(self, config: Config, *, park: bool = True) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.port = KernelPort()
-        self.engine = Engine(self.port, self._emit, park=park)
-        self.tracer = Tracer(self.engine, self.port)
+        self.engine = Engine(self.port, self._emit, park=config.park)
+        self.tracer = Tracer(self.engine, self.port, batch=self._batch)
         self.rawdr = RawDebugRegisters(self.engine)
         self._clients: dict[int, ClientHandle] = {}
+        self._peers: dict[int, Peer] = {}
         self._methods: dict[str, Handler] = {
             "watch": self._watch,
             "watch_region": self._watch_region,
@@ -156,10 +158,12 @@ class EngineBackend:
 
     def client_connected(self, client: ClientHandle) -> None:
         self._clients[client.id] = client
+        self._peers[client.id] = Peer.of(client.pid, client.uid, client.gid)
         self.engine.add_client(client.id)
 
     def client_disconnected(self, client: ClientHandle) -> None:
         self._clients.pop(client.id, None)
+        self._peers.pop(client.id, None)
         self.rawdr.remove_client(client.id)
         self.engine.remove_client(client.id)
 
@@ -191,13 +195,25 @@ class EngineBackend:
 
     # --- helpers -------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """Cork every connection while the tracer works: one write per client per round."""
+        clients = list(self._clients.values())
+        for client in clients:
+            client.cork()
+        try:
+            yield
+        finally:
+            for client in clients:
+                client.uncork()
+
     def _emit(self, cid: int, kind: str, fields: dict[str, Any], droppable: bool) -> None:
         client = self._clients.get(cid)
         if client is not None:
             client.send_event(kind, fields, droppable=droppable)
 
     def _authorize(self, client: ClientHandle, pid: int) -> None:
-        authorize(client.pid, client.uid, client.gid, pid)
+        authorize(self._peers[client.id], pid)
 
     def _pid_of(self, tid: int) -> int:
         thread = self.engine._threads.get(tid)
@@ -314,10 +330,19 @@ class EngineBackend:
         addr = p.integer("addr")
         return pid, addr
 
+    @staticmethod
+    def _user_range(p: Params, addr: int, size: int) -> None:
+        # /proc/PID/mem offsets are signed 64-bit: a kernel address would overflow pread.
+        if addr + size > USER_SPACE_END:
+            raise InvalidArgumentError(
+                f"{p.method}: {addr:#x}+{size} is not a user-space address range"
+            )
+
     def _read_memory(self, client: ClientHandle, p: Params) -> bytes:
         pid, addr = self._memory_args(client, p)
         size = p.integer("size", lo=0, hi=MAX_MEMORY)
         p.done()
+        self._user_range(p, addr, size)
         self._authorize(client, pid)
         return _kernel.read_memory(pid, addr, size)
 
@@ -327,6 +352,7 @@ class EngineBackend:
         p.done()
         if len(data) > MAX_MEMORY:
             raise InvalidArgumentError(f"write_memory: at most {MAX_MEMORY} bytes per call")
+        self._user_range(p, addr, len(data))
         self._authorize(client, pid)
         if pid not in self.engine.targets:
             raise NoSuchProcessError(

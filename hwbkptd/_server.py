@@ -133,24 +133,27 @@ class ClientHandle:
         self._queued_events = 0
         self._lost = 0
         self._wakeup = trio.lowlevel.ParkingLot()
+        self._fd = -1  # the connection's socket, once the server has it (for direct writes)
+        self._writing = False  # the writer task has a batch in flight
+        self._corked = False  # hold writes until uncork() (a batch of hits is being made)
         self.events_sent = 0
         self.events_dropped = 0
         self._server_counters: Counters | None = None
+        # Stop-timeout bookkeeping (trio clock): when the oldest ``stop`` event still in
+        # ``_out`` was queued, and the same for the batch the writer is sending now. A stop
+        # counts as *taken* once the ``send_all`` of its batch has completed.
+        self._stop_queued_at: float | None = None
+        self._stop_sending_at: float | None = None
 
     def __repr__(self) -> str:
-        return (
-            f"<client {self.id} pid={self.pid} uid={self.uid} gid={self.gid} "
-            f"name={self.name!r}>"
-        )
+        return f"<client {self.id} pid={self.pid} uid={self.uid} gid={self.gid} name={self.name!r}>"
 
     @property
     def closing(self) -> bool:
         """True once the client is being disconnected; further events are not queued."""
         return self.disconnect_reason is not None
 
-    def send_event(
-        self, kind: str, fields: dict[str, Any], *, droppable: bool = True
-    ) -> bool:
+    def send_event(self, kind: str, fields: dict[str, Any], *, droppable: bool = True) -> bool:
         """Queue the event ``kind`` with ``fields`` for this client; never blocks.
 
         Call it from any trio task of the main thread. When the client's queue already holds
@@ -164,7 +167,14 @@ class ClientHandle:
             return False
         if self._queued_events >= self._max_queued_events:
             if droppable:
-                self._lost += 1
+                # A dropped ``lost`` event (ring overflow) carries its own count.
+                if kind == "lost":
+                    count = fields.get("count", 1)
+                elif kind == "hits":
+                    count = len(fields.get("tid", ()))  # a batch: every hit in it is lost
+                else:
+                    count = 1
+                self._lost += count if type(count) is int and count > 0 else 1
                 self.events_dropped += 1
                 if self._server_counters is not None:
                     self._server_counters.events_dropped += 1
@@ -175,12 +185,22 @@ class ClientHandle:
             )
             return False
         data = self._conn.send(Notification(kind, fields))
+        if kind == "stop" and self._stop_queued_at is None:
+            self._stop_queued_at = trio.current_time()
         if self._lost:
-            lost = Notification("lost", {"count": self._lost, "what": "hit"})
-            self._enqueue(self._conn.send(lost), event=True)
-            self._lost = 0
-        self._enqueue(data, event=True)
+            self._report_lost()
+        # A batch of hits weighs what it holds: the limit is on events a client has not
+        # read, and a batch may overshoot it by its own size.
+        self._enqueue(data, events=len(fields.get("tid", ())) if kind == "hits" else 1)
+        if not self._out and not self._writing:
+            self._stop_queued_at = None  # written at once: taken
         return True
+
+    def untaken_stop_since(self) -> float | None:
+        """Trio time at which the oldest ``stop`` event not yet written to the socket was
+        queued, or ``None``. Whether the client *resumed* does not matter here."""
+        times = [t for t in (self._stop_sending_at, self._stop_queued_at) if t is not None]
+        return min(times) if times else None
 
     def disconnect(self, reason: str, *, code: str | None = None) -> None:
         """Close this connection soon: queue a ``disconnected`` event, then hang up.
@@ -206,11 +226,58 @@ class ClientHandle:
 
     # -- used by the server -------------------------------------------------------------
 
-    def _enqueue(self, data: bytes, *, event: bool = False) -> None:
+    def _enqueue(self, data: bytes, *, events: int = 0) -> None:
+        """Send ``data`` (holding ``events`` events, 0 for a response) in order."""
+        if not self._out and not self._writing and not self._corked:
+            self._write_now(data, events)
+            return
         self._out.append(data)
-        if event:
-            self._queued_events += 1
+        self._queued_events += events
+        if not self._corked:
+            self._wakeup.unpark_all()
+
+    def _write_now(self, data: bytes, events: int) -> None:
+        """Write at once if the socket takes it; the rest goes to the writer task.
+
+        This is the per-hit path (a stop event, a batch of hits, a response), where a
+        trio task switch costs more than the write. The socket is non-blocking (trio made
+        it so); only called with nothing queued and no batch in flight, so order holds.
+        """
+        sent = 0
+        if self._fd >= 0:
+            try:
+                sent = os.write(self._fd, data)
+            except OSError:
+                sent = 0  # full (EAGAIN) or broken: the writer finds out which
+        if sent == len(data):
+            self.events_sent += events
+            if self._server_counters is not None:
+                self._server_counters.events_sent += events
+            if self._lost and not self.closing and not self._corked:
+                self._report_lost()  # the client reads again: tell it what it lost now
+            return
+        self._out.append(data[sent:])
+        self._queued_events += events
         self._wakeup.unpark_all()
+
+    def cork(self) -> None:
+        """Hold what is sent from now on until :meth:`uncork`, to write it as one batch."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        """Write everything held since :meth:`cork` in one go (or hand it to the writer)."""
+        self._corked = False
+        if not self._out:
+            return
+        if self._writing:
+            self._wakeup.unpark_all()
+            return
+        data = b"".join(self._out)
+        events, self._queued_events = self._queued_events, 0
+        self._out.clear()
+        self._write_now(data, events)
+        if not self._out and not self._writing:
+            self._stop_queued_at = None
 
     def _queue_response(self, response: Response) -> None:
         """Queue a response; never dropped, except that nothing follows ``disconnected``.
@@ -234,10 +301,26 @@ class ClientHandle:
             sent_events = self._queued_events
             self._out.clear()
             self._queued_events = 0
-            await stream.send_all(batch)
+            self._stop_sending_at, self._stop_queued_at = self._stop_queued_at, None
+            self._writing = True
+            try:
+                await stream.send_all(batch)
+            finally:
+                self._writing = False
+            self._stop_sending_at = None
             self.events_sent += sent_events
             if self._server_counters is not None:
                 self._server_counters.events_sent += sent_events
+            if self._lost and not self.closing and self._queued_events < self._max_queued_events:
+                # The client is reading again: report what it lost now, not only before
+                # the next event (which may never come).
+                self._report_lost()
+
+    def _report_lost(self) -> None:
+        lost, self._lost = self._lost, 0
+        self._enqueue(
+            self._conn.send(Notification("lost", {"count": lost, "what": "hit"})), events=1
+        )
 
 
 class Backend(Protocol):
@@ -362,6 +445,7 @@ class Server:
                     cancel_scope=scope,
                 )
                 client._server_counters = self.counters
+                client._fd = stream.socket.fileno()
                 self.clients[client_id] = client
                 self.counters.clients_total += 1
                 log.info("%r connected", client)
@@ -378,6 +462,7 @@ class Server:
                     # Never let one connection take the listener (and the daemon) down.
                     log.exception("%r: connection task failed", client)
                 finally:
+                    client._fd = -1  # the socket closes below; its number may be reused
                     del self.clients[client_id]
                     log.info(
                         "%r disconnected%s",
@@ -431,7 +516,7 @@ class Server:
                     if isinstance(msg, Request):
                         await self._answer(client, msg)
                     elif isinstance(msg, Notification):
-                        log.debug("%r sent notification %r; ignored", client, msg.method)
+                        await self._call_without_reply(client, msg)
                     else:
                         log.debug("%r sent a response (msgid %d); ignored", client, msg.msgid)
             except ProtocolError as err:
@@ -440,6 +525,23 @@ class Server:
                 client.disconnect(f"protocol error: {err.message}", code=err.code)
                 # Stop reading; the writer flushes the error and ends the connection.
                 await trio.sleep_forever()
+
+    async def stop_watchdog(self) -> None:
+        """Disconnect every client that has not taken a ``stop`` event within
+        ``config.stop_timeout`` seconds (DESIGN.md §7); its holds are then released."""
+        timeout = self.config.stop_timeout
+        period = min(max(timeout / 4, 0.01), 1.0)
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for client in list(self.clients.values()):
+                since = client.untaken_stop_since()
+                if since is not None and now - since >= timeout and not client.closing:
+                    client.disconnect(
+                        f"a stop event waited {now - since:.1f} s to be written to the socket "
+                        f"(the daemon's --stop-timeout is {timeout:g} s): the client does not "
+                        "read its events; its stops are released"
+                    )
 
     # -- requests -----------------------------------------------------------------------
 
@@ -474,6 +576,33 @@ class Server:
                 )
         self.counters.errors += 1
         client._queue_response(response)
+
+    async def _call_without_reply(self, client: ClientHandle, call: Notification) -> None:
+        """A notification from a client is a call nobody waits for (e.g. ``resume`` in a
+        hit loop): no response is sent, and only a failure comes back, as an ``error``
+        event naming the method."""
+        self.counters.requests += 1
+        try:
+            await self._dispatch(client, call.method, call.params)
+        except HwbkptError as err:
+            self.counters.errors += 1
+            client.send_event(
+                "error",
+                {"method": call.method, "code": err.code, "message": err.message},
+                droppable=False,
+            )
+        except Exception as err:
+            self.counters.errors += 1
+            log.exception("%r %s(%r) crashed", client, call.method, call.params)
+            client.send_event(
+                "error",
+                {
+                    "method": call.method,
+                    "code": InternalError.code,
+                    "message": f"{call.method} failed inside the daemon ({type(err).__name__})",
+                },
+                droppable=False,
+            )
 
     async def _dispatch(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
         if method == "hello":
@@ -696,13 +825,10 @@ async def serve(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_signals, nursery.cancel_scope, shutdown)
+                nursery.start_soon(server.stop_watchdog)
                 await nursery.start(backend.run)
-                listeners = [
-                    trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks
-                ]
-                await nursery.start(
-                    trio.serve_listeners, server.handle_connection, listeners
-                )
+                listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+                await nursery.start(trio.serve_listeners, server.handle_connection, listeners)
                 server.socket_paths = [_sockname(s) for s in socks]
                 log.info(
                     "hwbkptd %s listening on %s (pid %d)",

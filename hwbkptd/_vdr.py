@@ -48,7 +48,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from hwbkpt_proto._errors import DebugRegisterIOError, InvalidArgumentError
-
 from hwbkptd._model import Access, Spec
 
 __all__ = [

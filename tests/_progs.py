@@ -186,7 +186,7 @@ class Target:
                 tids = [int(t) for t in os.listdir(f"/proc/{self.pid}/task")]
             except OSError:
                 tids = []
-            for tid in sorted(set(tids) - {self.pid}) + [self.pid]:
+            for tid in [*sorted(set(tids) - {self.pid}), self.pid]:
                 try:
                     pid, status = os.waitpid(tid, os.WNOHANG | _WALL)
                 except ChildProcessError:

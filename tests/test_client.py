@@ -150,13 +150,18 @@ class ScriptedBackend:
     async def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
         await trio.lowlevel.checkpoint()
         if method == "emit":
+            # As the engine backend does for what one wake-up produces: cork, queue, uncork.
             sent = 0
-            for i in range(params.get("n", 1)):
-                fields = {"i": i, **params.get("fields", {})}
-                ok = client.send_event(
-                    params.get("kind", "hit"), fields, droppable=params.get("droppable", True)
-                )
-                sent += ok
+            client.cork()
+            try:
+                for i in range(params.get("n", 1)):
+                    fields = {"i": i, **params.get("fields", {})}
+                    ok = client.send_event(
+                        params.get("kind", "hit"), fields, droppable=params.get("droppable", True)
+                    )
+                    sent += ok
+            finally:
+                client.uncork()
             return sent
         if method == "boom":
             raise RuntimeError("scripted crash")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import tracemalloc
 from typing import Any
 
-import hwbkpt_proto
 import msgpack
 import pytest
+
+import hwbkpt_proto
 from hwbkpt_proto import (
     HwbkptError,
     Limits,

@@ -6,6 +6,8 @@ import itertools
 from typing import Any
 
 import hypothesis.strategies as st
+from hypothesis import HealthCheck, given, settings
+
 from hwbkpt_proto import (
     Connection,
     Limits,
@@ -15,7 +17,6 @@ from hwbkpt_proto import (
     Request,
     Response,
 )
-from hypothesis import HealthCheck, given, settings
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

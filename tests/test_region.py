@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hwbkpt_proto._errors import InvalidArgumentError
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hwbkpt_proto._errors import InvalidArgumentError
 from hwbkptd._region import split_region
 
 

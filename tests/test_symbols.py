@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from hwbkpt._symbols import (
     Symbol,
     Symbolizer,
@@ -28,7 +29,6 @@ from hwbkpt._symbols import (
     symbolize,
 )
 from hwbkpt_proto._errors import InvalidArgumentError, NoSuchProcessError, NotFoundError
-
 from hwbkptd._region import split_region
 
 ROOT = Path(__file__).resolve().parent

@@ -6,8 +6,8 @@ The expectations are the live kernel's, as measured by tests/test_vdr_kernel.py.
 from __future__ import annotations
 
 import pytest
-from hwbkpt_proto._errors import DebugRegisterIOError, InvalidArgumentError
 
+from hwbkpt_proto._errors import DebugRegisterIOError, InvalidArgumentError
 from hwbkptd._model import Access, Spec
 from hwbkptd._vdr import (
     DEBUGREG_OFFSET,

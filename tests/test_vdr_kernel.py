@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import pytest
-from hwbkpt_proto._errors import HwbkptError
 
+from hwbkpt_proto._errors import HwbkptError
 from hwbkptd._vdr import TASK_SIZE_MAX, VirtualDebugRegisters, user_offset_to_dr
 from tests._ptrace_ref import DEBUGREG_OFFSET, SIZEOF_KERNEL_USER, RefTracee, build_drtarget
 

@@ -142,8 +142,8 @@ class Conn:
         assert not bad, f"{self.name}: unexpected {kind} events: {bad}"
 
 
-@pytest.fixture
-def connect(daemon: Daemon) -> Iterator[Callable[[str], Conn]]:
+@pytest.fixture(name="connect")
+def connect_fixture(daemon: Daemon) -> Iterator[Callable[[str], Conn]]:
     """Factory of :class:`Conn` to the test's daemon; every one is closed at teardown."""
     made: list[Conn] = []
 
@@ -239,7 +239,8 @@ def test_stop_mode_stops_exactly(target: Start, connect: Callable[[str], Conn]) 
     proc.go()
     for i in range(1, n + 1):
         ev = c.expect("stop")
-        assert ev.tid == proc.pid and ev.pid == proc.pid
+        assert ev.tid == proc.pid
+        assert ev.pid == proc.pid
         assert ev.watches == [w.id]
         assert ev.reason == "watch"
         # The store has completed when the thread stops (data breakpoints trap after).
@@ -265,7 +266,9 @@ def test_equal_keys_share_one_slot(target: Start, connect: Callable[[str], Conn]
     slots, pending = slots_of(a, proc.pid, proc.pid)
     assert len(slots) == 1, slots
     assert sorted(slots[0]["watches"]) == sorted([wa.id, wb.id])
-    assert slots[0]["addr"] == addr and slots[0]["length"] == 8 and slots[0]["access"] == "w"
+    assert slots[0]["addr"] == addr
+    assert slots[0]["length"] == 8
+    assert slots[0]["access"] == "w"
     assert pending == []
     wc = c.watch(proc.pid, addr2, mode="count")
     slots, pending = slots_of(a, proc.pid, proc.pid)
@@ -286,18 +289,65 @@ def test_equal_keys_share_one_slot(target: Start, connect: Callable[[str], Conn]
     finish(proc, "gate2")
 
 
+def collect_hits(conn: Conn, wid: int, n: int) -> tuple[int, int]:
+    """(hits, lost) for watch ``wid`` until ``n`` are accounted for and the stream is quiet."""
+    hits = lost = 0
+    deadline = time.monotonic() + TIMEOUT
+    while hits + lost < n and time.monotonic() < deadline:
+        event = conn.client.next_event(timeout=0.5)
+        if event is None:
+            continue
+        if event.kind == "hit":
+            assert event.watches == [wid], event
+            hits += 1
+        elif event.kind == "lost":
+            lost += event.count
+    for event in conn.poll():
+        if event.kind == "hit":
+            hits += 1
+        elif event.kind == "lost":
+            lost += event.count
+    return hits, lost
+
+
+@pytest.mark.timeout(60)
+def test_shared_notify_slot_each_sees_every_hit(
+    target: Start, connect: Callable[[str], Conn]
+) -> None:
+    n = 2000
+    proc = target("writer", n, "gate2")
+    addr = info_int(proc, "addr")
+    a, b = connect("a"), connect("b")
+    wa = a.watch(proc.pid, addr, mode="notify")
+    wb = b.watch(proc.pid, addr, mode="notify")
+    slots, _ = slots_of(a, proc.pid, proc.pid)
+    assert len(slots) == 1
+    assert sorted(slots[0]["watches"]) == sorted([wa.id, wb.id])
+    proc.go()
+    assert proc.line() == f"done var={n} pair0=0"
+    for conn, w in ((a, wa), (b, wb)):
+        hits, lost = collect_hits(conn, w.id, n)
+        assert hits <= n
+        assert n - lost >= 0.99 * n, f"{conn.name}: {lost} of {n} hits lost"
+        assert hits + lost == n, f"{conn.name}: {hits} hits + {lost} lost != {n} writes"
+        assert w.count() == n
+    finish(proc, "gate2")
+
+
 @pytest.mark.timeout(60)
 def test_shared_slot_of_mixed_modes(target: Start, connect: Callable[[str], Conn]) -> None:
     """A stop watch and a count watch share a slot: N stops for one, count N for the other."""
     n = 100
     proc = target("writer", n, "gate2")
     addr = info_int(proc, "addr")
-    a, b = connect("stopper"), connect("counter")
+    a, b, c = connect("stopper"), connect("counter"), connect("notifier")
     wa = a.watch(proc.pid, addr, mode="stop")
     wb = b.watch(proc.pid, addr, mode="count")
+    wc = c.watch(proc.pid, addr, mode="notify")
     slots, _ = slots_of(a, proc.pid, proc.pid)
-    assert len(slots) == 1 and slots[0]["mode"] == "stop"
-    assert sorted(slots[0]["watches"]) == sorted([wa.id, wb.id])
+    assert len(slots) == 1
+    assert slots[0]["mode"] == "stop"
+    assert sorted(slots[0]["watches"]) == sorted([wa.id, wb.id, wc.id])
     proc.go()
     for _ in range(n):
         ev = a.expect("stop")
@@ -306,8 +356,11 @@ def test_shared_slot_of_mixed_modes(target: Start, connect: Callable[[str], Conn
     assert proc.line() == f"done var={n} pair0=0"
     a.none_of("stop")
     assert not [e for e in b.poll(0.05) if e.kind == "stop"]
+    hits, lost = collect_hits(c, wc.id, n)
+    assert (hits, lost) == (n, 0)  # a stopping slot reports each hit at its stop
     assert wa.count() == n
     assert wb.count() == n
+    assert wc.count() == n
     finish(proc, "gate2")
 
 
@@ -330,28 +383,33 @@ def test_overcommit_pending_and_preemption(target: Start, connect: Callable[[str
     wb = b.watch(proc.pid, var, access="rw", mode="count")
     assert wb.state == "pending"
     slots, pending = slots_of(a, proc.pid, proc.pid)
-    assert len(slots) == 4 and pending == [wb.id]
+    assert len(slots) == 4
+    assert pending == [wb.id]
     # Removing one installs the pending one; its owner is told.
     wa[1].remove()
     ev = b.expect("installed", watch=wb.id)
     assert ev.tid == proc.pid
     slots, pending = slots_of(a, proc.pid, proc.pid)
-    assert len(slots) == 4 and pending == []
+    assert len(slots) == 4
+    assert pending == []
     assert any(s["watches"] == [wb.id] and s["access"] == "rw" for s in slots)
     # A higher-priority key preempts the lowest (equal priorities: the latest request, B's).
     wc = c.watch(proc.pid, var2, mode="count", priority=10)
     assert wc.state == "installed"
     ev = b.expect("uninstalled", watch=wb.id)
-    assert ev.reason == "preempted" and ev.tid == proc.pid
+    assert ev.reason == "preempted"
+    assert ev.tid == proc.pid
     a.none_of("uninstalled")
     slots, pending = slots_of(a, proc.pid, proc.pid)
-    assert len(slots) == 4 and pending == [wb.id]
+    assert len(slots) == 4
+    assert pending == [wb.id]
     assert [w["state"] for w in b.watches()] == ["pending"]
     # B gets the slot back when it frees.
     wc.remove()
     b.expect("installed", watch=wb.id)
     slots, pending = slots_of(a, proc.pid, proc.pid)
-    assert len(slots) == 4 and pending == []
+    assert len(slots) == 4
+    assert pending == []
     # And the pending-then-installed watch really counts: 10 writes of var (rw sees them).
     proc.go()
     assert proc.line() == "done var=10 pair0=0"
@@ -392,7 +450,8 @@ def test_thread_scope_counts_only_its_thread(target: Start, connect: Callable[[s
     c = connect("threads")
     proc.go()
     lines = [proc.line() for _ in range(t)]
-    tids = {int(line.split()[1].split("=")[1]): int(line.split()[0].split("=")[1]) for line in lines}
+    words = [dict(w.split("=") for w in line.split()) for line in lines]
+    tids = {int(w["idx"]): int(w["tid"]) for w in words}
     assert proc.line() == "ready"
     one = tids[3]
     w_one = c.watch(proc.pid, addr, mode="count", tid=one)
@@ -405,4 +464,29 @@ def test_thread_scope_counts_only_its_thread(target: Start, connect: Callable[[s
     assert w_one.count() == n
     assert w_main.count() == 0
     assert w_all.count() == t * n
+    finish(proc, "gate3")
+
+
+@pytest.mark.timeout(90)
+def test_process_scope_stops_on_every_thread(target: Start, connect: Callable[[str], Conn]) -> None:
+    """Stops of several threads at once: every write of every thread is one stop."""
+    t, n = 4, 25
+    proc = target("tgate", t, n)
+    addr = info_int(proc, "addr")
+    c = connect("stopper")
+    w = c.watch(proc.pid, addr, mode="stop")
+    proc.go()
+    tids = {int(dict(x.split("=") for x in proc.line().split())["tid"]) for _ in range(t)}
+    assert proc.line() == "ready"
+    proc.go()
+    per_thread = dict.fromkeys(tids, 0)
+    for _ in range(t * n):
+        ev = c.expect("stop")
+        assert ev.watches == [w.id]
+        per_thread[ev.tid] += 1
+        c.resume(ev.tid)
+    assert proc.line() == f"done var={n}"
+    c.none_of("stop")
+    assert per_thread == dict.fromkeys(tids, n)
+    assert w.count() == t * n
     finish(proc, "gate3")

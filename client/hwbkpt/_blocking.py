@@ -231,13 +231,24 @@ class Client:
         result: list[dict[str, Any]] = self.call("watches")
         return result
 
-    def resume(self, tid: int) -> None:
-        """Release this client's hold on stopped thread ``tid``."""
-        self.call("resume", tid=tid)
+    def resume(self, tid: int, *, wait: bool = True) -> None:
+        """Release this client's hold on stopped thread ``tid``.
 
-    def step(self, tid: int) -> None:
-        """Single-step stopped thread ``tid``; the step trap comes back as a ``stop`` event."""
-        self.call("step", tid=tid)
+        ``wait=False`` sends it without waiting for the daemon's answer (a hit loop saves a
+        round trip); a failure then arrives as an ``error`` event.
+        """
+        if wait:
+            self.call("resume", tid=tid)
+        else:
+            self._send(self._session.notification("resume", {"tid": tid}))
+
+    def step(self, tid: int, *, wait: bool = True) -> None:
+        """Single-step stopped thread ``tid``; the step trap comes back as a ``stop`` event.
+        ``wait=False`` as for :meth:`resume`."""
+        if wait:
+            self.call("step", tid=tid)
+        else:
+            self._send(self._session.notification("step", {"tid": tid}))
 
     def interrupt(self, tid: int) -> None:
         """Stop thread ``tid``; a ``stop`` event follows."""

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from hwbkpt import _demo, _drcmd, _top, _watchcmd
 from hwbkpt._blocking import Client
 from hwbkpt._session import DEFAULT_SOCKET, SOCKET_ENV, DaemonUnavailableError
 from hwbkpt_proto import ConnectionLostError, HwbkptError, PermissionDeniedError
@@ -175,6 +176,22 @@ def _duration(seconds: float) -> str:
 #: Subcommand name → what it does. The lead adds ``watch``, ``dr``, ``top``, ``demo`` here.
 COMMANDS: dict[str, Command] = {
     "status": Command("show clients, targets, slots and counters", _configure_status, _run_status),
+    "watch": Command(
+        "watch an address or symbol; print each hit or stop and the final count",
+        _watchcmd.configure, _watchcmd.run,
+    ),
+    "dr": Command(
+        "show or write this client's virtual debug registers of a thread",
+        _drcmd.configure, _drcmd.run,
+    ),
+    "top": Command(
+        "a refreshing view of targets, threads, slots (holders, hits/s) and clients",
+        _top.configure, _top.run,
+    ),
+    "demo": Command(
+        "a short narrated run: three clients sharing one thread's slots",
+        _demo.configure, _demo.run,
+    ),
 }
 
 

@@ -123,6 +123,12 @@ class Session:
         self._waiting.add(msgid)
         return msgid, data
 
+    def notification(self, method: str, params: dict[str, Any]) -> bytes:
+        """The bytes of a call sent as a notification: the daemon runs it and answers only
+        if it fails (an ``error`` event). Raises like :meth:`request`."""
+        self.check_alive()
+        return self._conn.send(Notification(method, params))
+
     def hello_params(self, name: str | None) -> dict[str, Any]:
         """The params of the ``hello`` every connection starts with."""
         return {"version": PROTOCOL_VERSION, "name": default_name() if name is None else name}
@@ -157,6 +163,18 @@ class Session:
             self.connection_lost(f"the daemon sent bytes this client cannot read ({err})")
 
     def _on_notification(self, msg: Notification) -> None:
+        if msg.method == "hits":
+            # A batch of hits of the same watches, sent as arrays to keep the per-hit cost
+            # low on both sides; delivered as one ``hit`` event each, in order.
+            p = msg.params
+            watches = p.get("watches")
+            self._events.extend(
+                Event("hit", {"watches": watches, "tid": tid, "ip": ip, "time": when})
+                for tid, ip, when in zip(
+                    p.get("tid", ()), p.get("ip", ()), p.get("time", ()), strict=False
+                )
+            )
+            return
         event = Event(msg.method, msg.params)
         if msg.method == "disconnected":
             # The daemon is hanging up on us; say why when the socket closes.

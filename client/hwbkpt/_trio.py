@@ -226,13 +226,33 @@ class AsyncClient:
         result: list[dict[str, Any]] = await self.call("watches")
         return result
 
-    async def resume(self, tid: int) -> None:
-        """Release this client's hold on stopped thread ``tid``."""
-        await self.call("resume", tid=tid)
+    async def resume(self, tid: int, *, wait: bool = True) -> None:
+        """Release this client's hold on stopped thread ``tid``.
 
-    async def step(self, tid: int) -> None:
-        """Single-step stopped thread ``tid``."""
-        await self.call("step", tid=tid)
+        ``wait=False`` sends it without waiting for the daemon's answer; a failure then
+        arrives as an ``error`` event.
+        """
+        if wait:
+            await self.call("resume", tid=tid)
+        else:
+            await self._send_only(self._session.notification("resume", {"tid": tid}))
+
+    async def step(self, tid: int, *, wait: bool = True) -> None:
+        """Single-step stopped thread ``tid``; ``wait=False`` as for :meth:`resume`."""
+        if wait:
+            await self.call("step", tid=tid)
+        else:
+            await self._send_only(self._session.notification("step", {"tid": tid}))
+
+    async def _send_only(self, data: bytes) -> None:
+        async with self._send_lock:
+            self._session.check_alive()
+            assert self._stream is not None
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
+                self._session.connection_lost(f"writing to the socket failed: {err}")
+                raise self._session.lost_error() from err
 
     async def interrupt(self, tid: int) -> None:
         """Stop thread ``tid``; a ``stop`` event follows."""

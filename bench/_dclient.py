@@ -1,0 +1,218 @@
+"""The daemon side of each scenario, run as its own process by the harness.
+
+    python -m bench._dclient MODE '{"socket": ..., "pid": ..., ...}'
+
+It is a separate process (not code in the harness) for the same reasons the C clients
+are: it can be pinned with taskset like them, it costs the harness nothing while it
+runs, and a client library or daemon that hangs is killed by the harness's timeout.
+
+Output, one line each: ``ready [JSON]`` once its watches are in place, ``result JSON``
+at the end, or ``error MESSAGE`` (exit 1).  A line on stdin means "the target is done:
+report".  Written against the client API of client/hwbkpt (Client, AsyncClient, Watch,
+Event); see bench/README.md, "Wiring the daemon side".
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+Params = dict[str, Any]
+
+
+def _say(word: str, payload: object = None) -> None:
+    line = word if payload is None else f"{word} {json.dumps(payload)}"
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _stdin_event() -> threading.Event:
+    """An Event set when a line (or EOF) arrives on stdin."""
+    done = threading.Event()
+
+    def wait() -> None:
+        sys.stdin.readline()
+        done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    return done
+
+
+def _next_event(c: Any, timeout: float) -> Any:
+    """c.next_event(timeout) with "nothing came" mapped to None, however it is spelled."""
+    try:
+        return c.next_event(timeout=timeout)
+    except Exception as e:  # a timeout exception of the client library
+        if isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower():
+            return None
+        raise
+
+
+def _client(p: Params) -> Any:
+    import hwbkpt
+
+    return hwbkpt.Client(socket=p["socket"])
+
+
+def ping(p: Params) -> None:
+    with _client(p):
+        pass
+    _say("result", {"ok": True})
+
+
+def count(p: Params) -> None:
+    done = _stdin_event()
+    with _client(p) as c:
+        w = c.watch(p["pid"], p["addr"], length=8, access="w", mode="count")
+        _say("ready")
+        done.wait()
+        _say("result", {"count": int(w.count())})
+
+
+def notify(p: Params) -> None:
+    done = _stdin_event()
+    hits = lost = 0
+    expected = int(p["expected"])
+    with _client(p) as c:
+        c.watch(p["pid"], p["addr"], length=8, access="w", mode="notify")
+        _say("ready")
+        quiet_since = None
+        while True:
+            ev = _next_event(c, 0.1)
+            if ev is None:
+                if done.is_set():
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since > 1.0:
+                        break
+                continue
+            quiet_since = None
+            if ev.kind == "hit":
+                hits += 1
+            elif ev.kind == "lost":
+                lost += int(ev.count)
+            if done.is_set() and hits + lost >= expected:
+                break
+        _say("result", {"hits": hits, "lost": lost})
+
+
+def stop(p: Params) -> None:
+    done = _stdin_event()
+    stops = 0
+    with _client(p) as c:
+        c.watch(p["pid"], p["addr"], length=8, access="w", mode="stop")
+        _say("ready")
+        while not done.is_set():
+            ev = _next_event(c, 0.1)
+            if ev is not None and ev.kind == "stop":
+                c.resume(ev.tid, wait=False)  # no round trip per hit, like the C client
+                stops += 1
+        _say("result", {"stops": stops})
+
+
+def threads(p: Params) -> None:
+    done = _stdin_event()
+    ins: list[int] = []
+    rem: list[int] = []
+    with _client(p) as c:
+        for _ in range(int(p["reps"])):
+            t0 = time.perf_counter_ns()
+            w = c.watch(p["pid"], p["addr"], length=8, access="w", mode="count")
+            t1 = time.perf_counter_ns()
+            w.remove()
+            rem.append(time.perf_counter_ns() - t1)
+            ins.append(t1 - t0)
+        w = c.watch(p["pid"], p["addr"], length=8, access="w", mode="count")
+        _say("ready", {"install_ns": ins, "remove_ns": rem})
+        done.wait()
+        _say("result", {"count": int(w.count())})
+
+
+def memory(p: Params) -> None:
+    import hwbkpt
+
+    done = _stdin_event()
+    clients = []
+    try:
+        for _ in range(int(p["clients"])):
+            c = hwbkpt.Client(socket=p["socket"])
+            c.__enter__()
+            clients.append(c)
+            for k in range(int(p["watches"])):
+                c.watch(p["pid"], p["addr"] + 8 * k, length=8, access="w", mode="count")
+        _say("ready")
+        done.wait()
+        _say("result", {"watches": len(clients) * int(p["watches"])})
+    finally:
+        for c in clients:
+            c.__exit__(None, None, None)
+
+
+async def _maybe_await(x: Any) -> Any:
+    return await x if inspect.isawaitable(x) else x
+
+
+def rpc(p: Params) -> None:
+    import trio
+
+    import hwbkpt
+
+    tids: list[int] = p["tids"]
+    iters = int(p["iters"])
+    lat: list[int] = []
+
+    async def one(i: int, start: trio.Event) -> None:
+        async with hwbkpt.AsyncClient(socket=p["socket"]) as c:
+            await start.wait()
+            for _ in range(iters):
+                t0 = time.perf_counter_ns()
+                w = await c.watch(p["pid"], p["addr"], length=8, access="w", mode="count",
+                                  tid=tids[i % len(tids)])
+                await _maybe_await(w.remove())
+                lat.append(time.perf_counter_ns() - t0)
+
+    async def main() -> dict[str, int]:
+        # One anchor watch keeps the target managed, so the loop measures watch+unwatch
+        # and not attach+detach of the whole process (DESIGN.md §5.5).
+        async with hwbkpt.AsyncClient(socket=p["socket"]) as anchor:
+            await anchor.watch(p["pid"], p["addr"] + 24, length=8, access="w", mode="count",
+                               tid=p["pid"])
+            start = trio.Event()
+            async with trio.open_nursery() as n:
+                for i in range(int(p["clients"])):
+                    n.start_soon(one, i, start)
+                await trio.sleep(0.2)  # let every client connect first
+                t0 = time.perf_counter_ns()
+                start.set()
+            wall = time.perf_counter_ns() - t0
+        lat.sort()
+        return {"pairs": len(lat), "wall_ns": wall, "p50_ns": lat[len(lat) // 2],
+                "p99_ns": lat[len(lat) * 99 // 100]}
+
+    _say("result", trio.run(main))
+
+
+MODES: dict[str, Callable[[Params], None]] = {
+    "ping": ping, "count": count, "notify": notify, "stop": stop,
+    "threads": threads, "memory": memory, "rpc": rpc,
+}
+
+
+def main() -> int:
+    mode, params = sys.argv[1], json.loads(sys.argv[2])
+    try:
+        MODES[mode](params)
+    except BaseException as e:  # report whatever broke, in one line, to the harness
+        traceback.print_exc()
+        _say("error", f"{type(e).__name__}: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

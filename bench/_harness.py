@@ -1,0 +1,726 @@
+"""The benchmark harness: every scenario, reference (C) and daemon side, in one run.
+
+Theory of operation.  Each scenario runs a C target program (bench/ref/target.c or
+threads_target.c), puts a watcher on it — nothing (baseline), a C reference program
+doing the same kernel work with raw ptrace/perf, or a client of a daemon this harness
+started — opens the target's stdin gate and reads what the target measured itself.
+Runs are interleaved (baseline, reference, daemon, baseline, ...) so drift hits every
+side alike, and ratios are daemon/reference from this one run (DESIGN.md §9).
+
+The daemon side never blocks the reference side: if the daemon does not start, dies,
+or a client call fails, that scenario's daemon column says "daemon side failed: <why>"
+and the run goes on.  No daemon figure is ever made up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bench._procs import (
+    HERE,
+    BenchError,
+    Proc,
+    build,
+    cleanup_all,
+    rss_kb,
+    set_affinity_all_threads,
+)
+
+REFS = ["target", "count_ref", "notify_ref", "stop_ref", "threads_target", "threads_ref",
+        "mem_ref", "rpc_ref"]
+SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory"]
+DEFAULT_JSON = HERE / "results" / "latest.json"
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Sizes:
+    runs: int
+    count_n: int
+    notify_n: int
+    stop_n: int
+    rpc_clients: tuple[int, ...]
+    rpc_iters: dict[int, int]
+    rpc_runs: int
+    threads: int
+    threads_reps: int
+    spawn: int
+    threads_runs: int
+    mem_threads: int
+    mem_clients: int
+    mem_watches: int
+    mem_runs: int
+
+
+FULL = Sizes(runs=7, count_n=20_000, notify_n=20_000, stop_n=2_000, rpc_clients=(1, 32),
+             rpc_iters={1: 2_000, 32: 100}, rpc_runs=3, threads=1_000, threads_reps=5,
+             spawn=20, threads_runs=3, mem_threads=100, mem_clients=100, mem_watches=4,
+             mem_runs=3)
+QUICK = Sizes(runs=1, count_n=1_000, notify_n=1_000, stop_n=100, rpc_clients=(1, 32),
+              rpc_iters={1: 50, 32: 3}, rpc_runs=1, threads=50, threads_reps=1, spawn=3,
+              threads_runs=1, mem_threads=10, mem_clients=10, mem_watches=4, mem_runs=1)
+
+
+# ---------------------------------------------------------------- figures
+
+def fig(values: list[float], unit: str) -> dict[str, Any]:
+    """median/min/max of several runs, with the runs themselves."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "unit": unit, "runs": values}
+
+
+def ratio(daemon: dict[str, Any] | None, ref: dict[str, Any] | None) -> float | None:
+    if not daemon or not ref or "median" not in daemon or not ref.get("median"):
+        return None
+    return float(daemon["median"]) / float(ref["median"])
+
+
+def failed(err: str) -> dict[str, Any]:
+    return {"error": f"daemon side failed: {err}"}
+
+
+# ---------------------------------------------------------------- daemon
+
+class Daemon:
+    """The daemon under test: started once, SIGTERMed at the end, always."""
+
+    def __init__(self, stack: ExitStack, enabled: bool) -> None:
+        self.proc: Proc | None = None
+        self.error: str | None = None
+        self.tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hwbkbench-")))
+        self.socket = str(self.tmp / "bench.sock")
+        if not enabled:
+            self.error = "not started (--no-daemon)"
+            return
+        try:
+            self._start()
+        except BenchError as e:
+            self.error = f"daemon did not start: {e}"
+            if self.proc is not None:
+                self.proc.kill()
+
+    def _start(self) -> None:
+        self.proc = Proc([PY, "-m", "hwbkptd._main", "--socket", self.socket,
+                          "--log-level", "warning"], name="hwbkptd", term_first=True,
+                         stdin=False)
+        deadline = time.monotonic() + 20
+        last = "socket never appeared"
+        while time.monotonic() < deadline:
+            if self.proc.popen.poll() is not None:
+                tail = self.proc.stderr_tail()
+                raise BenchError(f"exited with status {self.proc.popen.returncode}"
+                                 + (f": {tail}" if tail else ""))
+            if os.path.exists(self.socket):
+                try:
+                    with dclient("ping", {"socket": self.socket}) as c:
+                        c.expect("result", 10)
+                    return
+                except BenchError as e:
+                    last = str(e)
+            time.sleep(0.2)
+        raise BenchError(f"did not answer within 20s: {last}")
+
+    def check(self) -> str | None:
+        """None if the daemon can be used, else why not."""
+        if self.error:
+            return self.error
+        assert self.proc is not None
+        if self.proc.popen.poll() is not None:
+            tail = self.proc.stderr_tail()
+            self.error = (f"daemon exited with status {self.proc.popen.returncode}"
+                          + (f": {tail}" if tail else ""))
+        return self.error
+
+    @contextmanager
+    def pinned(self, pin: str | None) -> Iterator[None]:
+        """Pin every daemon thread to `pin` for the duration (taskset -a -p)."""
+        if pin is None or self.proc is None or self.proc.popen.poll() is not None:
+            yield
+            return
+        everything = os.sched_getaffinity(0)
+        set_affinity_all_threads(self.proc.pid, {int(c) for c in pin.split(",")})
+        try:
+            yield
+        finally:
+            set_affinity_all_threads(self.proc.pid, everything)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+
+
+def dclient(mode: str, params: dict[str, Any], pin: str | None = None) -> Proc:
+    return Proc([PY, "-m", "bench._dclient", mode, json.dumps(params)],
+                name=f"daemon client ({mode})", pin=pin)
+
+
+# ---------------------------------------------------------------- one target run
+
+# A watcher process, the word its result line starts with, and whether it reports only
+# once the target has exited (stop_ref: it learns that from waitpid) instead of on "done".
+Side = tuple[Proc, str, bool]
+
+
+def gated_run(n: int, sides: Callable[[int, int], list[Side]], pin: str | None,
+              timeout: float) -> tuple[float, list[list[str]]]:
+    """target N under the watchers `sides(pid, addr)` starts; returns ns/write and their
+    result words."""
+    with ExitStack() as st:
+        t = st.enter_context(Proc([str(build("target")), str(n)], name="target", pin=pin))
+        w = t.expect("pid", 10)
+        pid, addr = int(w[0]), int(w[2], 16)
+        started = sides(pid, addr)
+        procs = [st.enter_context(p) for p, _, _ in started]
+        for p in procs:
+            p.expect("ready", 30)
+        t.send("go")
+        ns = float(t.expect("ns_per_write", timeout)[0])
+        for p in procs:
+            p.send("done")
+        # Read the "done" reports while the target is still alive (a watch ends with its
+        # process, so count() after the exit would fail), then let the target exit.
+        results = {i: p.expect(word, 30) for i, (p, word, at_exit) in enumerate(started)
+                   if not at_exit}
+        t.close_stdin()
+        results |= {i: p.expect(word, 30) for i, (p, word, at_exit) in enumerate(started)
+                    if at_exit}
+        t.wait(10)
+        for p in procs:
+            p.wait(10)
+        return ns, [results[i] for i in range(len(started))]
+
+
+def result_json(words: list[str]) -> dict[str, Any]:
+    r: dict[str, Any] = json.loads(" ".join(words))
+    return r
+
+
+# ---------------------------------------------------------------- scenarios
+
+class Bench:
+    def __init__(self, sizes: Sizes, daemon: Daemon, out: dict[str, Any]) -> None:
+        self.s = sizes
+        self.d = daemon
+        self.out = out
+        self._base: dict[str | None, list[float]] = {}
+
+    def baseline(self, pin: str | None) -> list[float]:
+        """ns/write of the target with no watch, measured once per placement."""
+        if pin not in self._base:
+            n = self.s.count_n
+            runs = [gated_run(n, lambda p, a: [], pin, 60)[0] for _ in range(self.s.runs)]
+            self._base[pin] = runs
+            self.out.setdefault("baseline", {})["unpinned" if pin is None else f"cpu{pin}"] = \
+                fig(runs, "ns/write")
+        return self._base[pin]
+
+    def daemon_runs(self, runs: int, one: Callable[[], Any]) -> Any:
+        """`runs` results of `one()`, or the first failure as an error record."""
+        got = []
+        for _ in range(runs):
+            if (why := self.d.check()) is not None:
+                return failed(why)
+            try:
+                got.append(one())
+            except BenchError as e:
+                return failed(str(e))
+        return got
+
+    # -- 1. count
+    def count(self) -> dict[str, Any]:
+        n = self.s.count_n
+        base = statistics.median(self.baseline(None))
+        ref: list[float] = []
+        dmn: list[float] = []
+        dmn_err: dict[str, Any] | None = None
+        ok = True
+        for _ in range(self.s.runs):
+            ns, res = gated_run(n, lambda pid, addr: [(Proc(
+                [str(build("count_ref")), str(pid), hex(addr)], name="count_ref"), "count", False)],
+                None, 120)
+            ok &= int(res[0][0]) == n
+            ref.append(ns - base)
+            if dmn_err is None:
+                r = self.daemon_runs(1, lambda: self._daemon_count(n))
+                if isinstance(r, dict):
+                    dmn_err = r
+                else:
+                    dmn.append(r[0] - base)
+        out: dict[str, Any] = {
+            "params": {"n": n},
+            "reference": {"per_hit_ns": fig(ref, "ns"), "counted_every_hit": ok},
+            "goal": {"per_hit_ratio_max": 1.02},
+        }
+        out["daemon"] = dmn_err or {"per_hit_ns": fig(dmn, "ns")}
+        out["ratio"] = {"per_hit": ratio(out["daemon"].get("per_hit_ns"), fig(ref, "ns"))}
+        return out
+
+    def _daemon_count(self, n: int) -> float:
+        ns, res = gated_run(n, lambda pid, addr: [(dclient(
+            "count", {"socket": self.d.socket, "pid": pid, "addr": addr}), "result", False)],
+            None, 300)
+        got = result_json(res[0])["count"]
+        if got != n:
+            raise BenchError(f"count() said {got}, the target wrote {n} times")
+        return ns
+
+    # -- 2. notify
+    def notify(self) -> dict[str, Any]:
+        n = self.s.notify_n
+        base = statistics.median(self.baseline(None))
+        per_hit, rate, lost = [], [], []
+        for _ in range(self.s.runs):
+            ns, res = gated_run(n, lambda pid, addr: [(Proc(
+                [str(build("notify_ref")), str(pid), hex(addr)], name="notify_ref"),
+                "samples", False)], None, 120)
+            samples, nlost = int(res[0][0]), int(res[0][2])
+            per_hit.append(ns - base)
+            rate.append(samples / (n * ns / 1e9))
+            lost.append(float(nlost + (n - samples - nlost)))  # anything not received
+        ref = {"per_hit_ns": fig(per_hit, "ns"), "events_per_s": fig(rate, "events/s"),
+               "lost": fig(lost, "events")}
+        d = self.daemon_runs(self.s.runs, lambda: self._daemon_notify(n, base))
+        dmn = d if isinstance(d, dict) else {
+            "per_hit_ns": fig([x["per_hit"] for x in d], "ns"),
+            "events_per_s": fig([x["rate"] for x in d], "events/s"),
+            "lost": fig([x["lost"] for x in d], "events"),
+            "lost_reported": fig([x["lost_reported"] for x in d], "events")}
+        return {"params": {"n": n, "ring_pages": 128, "wakeup_events": 64},
+                "reference": ref, "daemon": dmn,
+                "ratio": {"per_hit": ratio(dmn.get("per_hit_ns"), ref["per_hit_ns"]),
+                          "events_per_s": ratio(dmn.get("events_per_s"), ref["events_per_s"])},
+                "goal": {"per_hit_ratio_max": 1.2, "lost": 0}}
+
+    def _daemon_notify(self, n: int, base: float) -> dict[str, float]:
+        ns, res = gated_run(n, lambda pid, addr: [(dclient(
+            "notify", {"socket": self.d.socket, "pid": pid, "addr": addr, "expected": n}),
+            "result", False)], None, 300)
+        r = result_json(res[0])
+        return {"per_hit": ns - base, "rate": r["hits"] / (n * ns / 1e9),
+                "lost": float(n - r["hits"]), "lost_reported": float(r["lost"])}
+
+    # -- 3. stop
+    def stop(self) -> dict[str, Any]:
+        n = self.s.stop_n
+        out: dict[str, Any] = {"params": {"n": n}, "placements": {},
+                               "goal": {"one_client_ratio_max": 1.3,
+                                        "two_clients_ratio_max": 1.6}}
+        for place, pin in (("unpinned", None), ("cpu0", "0")):
+            base = statistics.median(self.baseline(pin))
+            ref: dict[str, list[float]] = {"noclient": [], "client": [], "client2": []}
+            for _ in range(self.s.runs):
+                for mode in ref:
+                    ns, res = gated_run(n, self._stop_ref_side(mode, pin), pin, 120)
+                    if int(res[0][0]) != n:
+                        raise BenchError(f"stop_ref {mode} saw {res[0][0]} stops, not {n}")
+                    ref[mode].append(ns - base)
+            reff = {f"{m}_per_hit_ns": fig(v, "ns") for m, v in ref.items()}
+            dmn: dict[str, Any] = {}
+            with self.d.pinned(pin):
+                for k in (1, 2):
+                    d = self.daemon_runs(self.s.runs, partial(self._daemon_stop, n, k, pin))
+                    dmn[f"clients{k}_per_hit_ns"] = d if isinstance(d, dict) else fig(
+                        [x - base for x in d], "ns")
+            one = dmn["clients1_per_hit_ns"]
+            two = dmn["clients2_per_hit_ns"]
+            out["placements"][place] = {
+                "reference": reff, "daemon": dmn,
+                "ratio": {"one_client_vs_c_client": ratio(one, reff["client_per_hit_ns"]),
+                          "two_clients_vs_c_client": ratio(two, reff["client_per_hit_ns"]),
+                          "two_clients_vs_c_client2": ratio(two, reff["client2_per_hit_ns"])}}
+        return out
+
+    @staticmethod
+    def _stop_ref_side(mode: str, pin: str | None) -> Callable[[int, int], list[Side]]:
+        def sides(pid: int, addr: int) -> list[Side]:
+            return [(Proc([str(build("stop_ref")), mode, str(pid), hex(addr)],
+                          name=f"stop_ref {mode}", pin=pin), "stops", True)]
+        return sides
+
+    def _daemon_stop(self, n: int, k: int, pin: str | None) -> float:
+        def sides(pid: int, addr: int) -> list[Side]:
+            p = {"socket": self.d.socket, "pid": pid, "addr": addr}
+            return [(dclient("stop", p, pin), "result", False) for _ in range(k)]
+
+        ns, res = gated_run(n, sides, pin, 300)
+        for r in res:
+            if (got := result_json(r)["stops"]) != n:
+                raise BenchError(f"a stop client saw {got} stop events, the target hit {n}")
+        return ns
+
+    # -- threads target helper
+    @contextmanager
+    def threads_target(self, nthreads: int) -> Iterator[tuple[Proc, int, int, list[int]]]:
+        with Proc([str(build("threads_target")), str(nthreads)], name="threads_target") as t:
+            w = t.expect("pid", 60)
+            pid, addr = int(w[0]), int(w[2], 16)
+            tids = sorted(int(x) for x in os.listdir(f"/proc/{pid}/task") if int(x) != pid)
+            yield t, pid, addr, tids
+            t.send("quit")
+            t.close_stdin()
+            t.wait(30)
+
+    # -- 4. rpc
+    def rpc(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"params": {"iters_per_client": self.s.rpc_iters},
+                               "by_clients": {}}
+        nthreads = max(self.s.rpc_clients)
+        for k in self.s.rpc_clients:
+            iters = self.s.rpc_iters[k]
+            ref: list[dict[str, float]] = []
+            dmn: list[dict[str, float]] = []
+            err: dict[str, Any] | None = None
+            for _ in range(self.s.rpc_runs):
+                with self.threads_target(nthreads) as (_t, pid, addr, tids):
+                    with Proc([str(build("rpc_ref")), str(pid), hex(addr), str(iters),
+                               *map(str, tids[:k])], name="rpc_ref") as r:
+                        w = r.expect("pairs", 300)
+                        r.wait(10)
+                    ref.append({"rate": int(w[0]) / (int(w[2]) / 1e9),
+                                "p50": int(w[4]) / 1e3, "p99": int(w[6]) / 1e3})
+                    if err is None:
+                        got = self.daemon_runs(1, partial(self._daemon_rpc, pid, addr,
+                                                          tids[:k], iters, k))
+                        if isinstance(got, dict):
+                            err = got
+                        else:
+                            dmn.append(got[0])
+            reff = {"round_trips_per_s": fig([x["rate"] for x in ref], "pairs/s"),
+                    "p50_us": fig([x["p50"] for x in ref], "us"),
+                    "p99_us": fig([x["p99"] for x in ref], "us")}
+            dm = err or {"round_trips_per_s": fig([x["rate"] for x in dmn], "pairs/s"),
+                         "p50_us": fig([x["p50"] for x in dmn], "us"),
+                         "p99_us": fig([x["p99"] for x in dmn], "us")}
+            out["by_clients"][str(k)] = {
+                "reference": reff, "daemon": dm,
+                "ratio": {m: ratio(dm.get(m), reff[m]) for m in reff}}
+        out["reference"] = out["by_clients"][str(self.s.rpc_clients[0])]["reference"]
+        return out
+
+    def _daemon_rpc(self, pid: int, addr: int, tids: list[int], iters: int,
+                    k: int) -> dict[str, float]:
+        with dclient("rpc", {"socket": self.d.socket, "pid": pid, "addr": addr,
+                             "tids": tids, "iters": iters, "clients": k}) as c:
+            r = result_json(c.expect("result", 600))
+            c.wait(10)
+        return {"rate": r["pairs"] / (r["wall_ns"] / 1e9), "p50": r["p50_ns"] / 1e3,
+                "p99": r["p99_ns"] / 1e3}
+
+    # -- 5. threads
+    def threads(self) -> dict[str, Any]:
+        s = self.s
+        ref: dict[str, list[float]] = {"install": [], "remove": [], "new_thread": []}
+        dmn: dict[str, list[float]] = {"install": [], "remove": [], "new_thread": []}
+        err: dict[str, Any] | None = None
+        base_spawn: list[float] = []
+        for _ in range(s.threads_runs):
+            with self.threads_target(s.threads) as (t, pid, addr, _tids):
+                b = self._spawn_baseline(t)
+                base_spawn.append(b)
+                with Proc([str(build("threads_ref")), str(pid), hex(addr),
+                           str(s.threads_reps)], name="threads_ref") as r:
+                    ins, rem = r.expect("install_ns", 120), r.expect("remove_ns", 120)
+                    r.expect("ready", 120)
+                    t.send(f"spawn {s.spawn}")
+                    spawn = int(t.expect("spawn_ns", 120)[0])
+                    t.send("quit")
+                    t.close_stdin()
+                    w = r.expect("new_threads", 120)
+                    r.wait(30)
+                if int(w[0]) != s.spawn or int(w[2]) < s.spawn:
+                    raise BenchError(f"threads_ref caught {w[0]} new threads with {w[2]} hits, "
+                                     f"expected {s.spawn}")
+                ref["install"].append(int(ins[0]) / 1e6)
+                ref["remove"].append(int(rem[0]) / 1e6)
+                ref["new_thread"].append((spawn - b) / 1e3)
+            if err is None:
+                got = self.daemon_runs(1, self._daemon_threads)
+                if isinstance(got, dict):
+                    err = got
+                else:
+                    for key in dmn:
+                        dmn[key].append(got[0][key])
+        units = {"install": "ms", "remove": "ms", "new_thread": "us"}
+        names = {"install": "install_ms", "remove": "remove_ms",
+                 "new_thread": "new_thread_extra_us"}
+        reff = {names[k]: fig(v, units[k]) for k, v in ref.items()}
+        reff["spawn_baseline_us"] = fig([x / 1e3 for x in base_spawn], "us")
+        dm = err or {names[k]: fig(v, units[k]) for k, v in dmn.items()}
+        return {"params": {"threads": s.threads, "reps": s.threads_reps, "spawn": s.spawn},
+                "reference": reff, "daemon": dm,
+                "ratio": {names[k]: ratio(dm.get(names[k]), reff[names[k]]) for k in ref}}
+
+    def _spawn_baseline(self, t: Proc) -> int:
+        """Median ns from pthread_create to the new thread's first instruction, no watch
+        (after a discarded warm-up round: the first creations pay for stacks and pages)."""
+        t.send(f"spawn {self.s.spawn}")
+        t.expect("spawn_ns", 60)
+        t.send(f"spawn {self.s.spawn}")
+        return int(t.expect("spawn_ns", 60)[0])
+
+    def _daemon_threads(self) -> dict[str, float]:
+        s = self.s
+        with self.threads_target(s.threads) as (t, pid, addr, _tids):
+            b = self._spawn_baseline(t)
+            with dclient("threads", {"socket": self.d.socket, "pid": pid, "addr": addr,
+                                     "reps": s.threads_reps}) as c:
+                r = result_json(c.expect("ready", 300))
+                t.send(f"spawn {s.spawn}")
+                spawn = int(t.expect("spawn_ns", 300)[0])
+                c.send("done")
+                hits = result_json(c.expect("result", 60))["count"]
+                c.wait(10)
+            if hits < s.spawn:
+                raise BenchError(f"count() said {hits} after {s.spawn} new threads each "
+                                 "wrote once: a new thread ran before its watch")
+        return {"install": statistics.median(r["install_ns"]) / 1e6,
+                "remove": statistics.median(r["remove_ns"]) / 1e6,
+                "new_thread": (spawn - b) / 1e3}
+
+    # -- 6. memory
+    def memory(self) -> dict[str, Any]:
+        s = self.s
+        ref: list[float] = []
+        dmn: list[float] = []
+        growth: list[float] = []
+        err: dict[str, Any] | None = None
+        for _ in range(s.mem_runs):
+            with self.threads_target(s.mem_threads) as (_t, pid, addr, _tids):
+                r = Proc([str(build("mem_ref")), str(pid), hex(addr), str(s.mem_watches)],
+                         name="mem_ref")
+                with r:
+                    r.expect("ready", 60)
+                    r.send("done")
+                    ref.append(int(r.expect("rss_kb", 30)[0]) / 1024)
+                    r.wait(10)
+            if err is None:
+                got = self.daemon_runs(1, self._daemon_memory)
+                if isinstance(got, dict):
+                    err = got
+                else:
+                    dmn.append(got[0][0])
+                    growth.append(got[0][1])
+        floor = self._python_floor()
+        return {"params": {"threads": s.mem_threads, "clients": s.mem_clients,
+                           "watches_per_client": s.mem_watches},
+                "reference": {"c_holder_rss_mib": fig(ref, "MiB"),
+                              "python_floor_rss_mib": fig([floor], "MiB")},
+                "daemon": err or {"rss_mib": fig(dmn, "MiB"), "growth_mib": fig(growth, "MiB")},
+                "ratio": {"rss_vs_python_floor": None if err else ratio(
+                    fig(dmn, "MiB"), fig([floor], "MiB"))}}
+
+    def _daemon_memory(self) -> tuple[float, float]:
+        s = self.s
+        assert self.d.proc is not None
+        before = rss_kb(self.d.proc.pid)
+        with self.threads_target(s.mem_threads) as (_t, pid, addr, _tids):
+            c = dclient("memory", {"socket": self.d.socket, "pid": pid, "addr": addr,
+                                   "clients": s.mem_clients, "watches": s.mem_watches})
+            with c:
+                c.expect("ready", 300)
+                time.sleep(0.5)
+                after = rss_kb(self.d.proc.pid)
+                c.send("done")
+                c.expect("result", 60)
+                c.wait(30)
+        return after / 1024, (after - before) / 1024
+
+    def _python_floor(self) -> float:
+        """RSS of an idle interpreter with the daemon's libraries imported."""
+        code = ("import trio, msgpack, psutil\n"
+                "print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])")
+        res = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60,
+                             check=False)
+        return int(res.stdout.strip() or 0) / 1024
+
+
+# ---------------------------------------------------------------- table
+
+def _fmt(f: Any) -> str:
+    if not isinstance(f, dict):
+        return "—"
+    if "error" in f:
+        return str(f["error"])
+    u, med, lo, hi = f["unit"], f["median"], f["min"], f["max"]
+    scale = {"ns": (1e3, "us"), "us": (1, "us"), "events/s": (1e3, "k/s"), "pairs/s": (1, "/s")}
+    div, unit = scale.get(u, (1, u))
+    if len(f["runs"]) == 1:
+        return f"{med / div:.4g} {unit}"
+    return f"{med / div:.4g} {unit} [{lo / div:.4g}-{hi / div:.4g}]"
+
+
+def _rat(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}x"
+
+
+def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None, str]]:
+    sc = res["scenarios"]
+    for name in SCENARIOS:
+        s = sc.get(name)
+        if s is None:
+            continue
+        if "failed" in s:
+            yield name, "harness", {"error": f"reference side failed: {s['failed']}"}, None, \
+                None, ""
+            continue
+        if name == "count":
+            yield name, "per-hit cost", s["reference"]["per_hit_ns"], \
+                _d(s, "per_hit_ns"), s["ratio"]["per_hit"], "<= 1.02x"
+        elif name == "notify":
+            for m, label, goal in (("per_hit_ns", "per-hit cost", "<= 1.2x"),
+                                   ("events_per_s", "events received/s", ""),
+                                   ("lost", "events lost", "0")):
+                yield name, label, s["reference"][m], _d(s, m), \
+                    s["ratio"].get(m.replace("_ns", "")) if m != "lost" else None, goal
+        elif name == "stop":
+            for place, p in s["placements"].items():
+                r, d, q = p["reference"], p["daemon"], p["ratio"]
+                yield name, f"{place}: C no client", r["noclient_per_hit_ns"], None, None, ""
+                yield name, f"{place}: 1 client", r["client_per_hit_ns"], \
+                    d["clients1_per_hit_ns"], q["one_client_vs_c_client"], "<= 1.3x"
+                yield name, f"{place}: 2 clients", r["client2_per_hit_ns"], \
+                    d["clients2_per_hit_ns"], q["two_clients_vs_c_client"], \
+                    "<= 1.6x vs C 1-client"
+        elif name == "rpc":
+            for k, p in s["by_clients"].items():
+                for m, label in (("round_trips_per_s", "watch+unwatch/s"),
+                                 ("p50_us", "p50"), ("p99_us", "p99")):
+                    yield name, f"{k} client(s): {label}", p["reference"][m], \
+                        _d(p, m), p["ratio"][m], ""
+        elif name == "threads":
+            yield name, f"install on {s['params']['threads']} threads", \
+                s["reference"]["install_ms"], _d(s, "install_ms"), \
+                s["ratio"]["install_ms"], ""
+            yield name, "remove", s["reference"]["remove_ms"], _d(s, "remove_ms"), \
+                s["ratio"]["remove_ms"], ""
+            yield name, "new thread: extra start delay", \
+                s["reference"]["new_thread_extra_us"], _d(s, "new_thread_extra_us"), \
+                s["ratio"]["new_thread_extra_us"], ""
+            yield name, "new thread: start, no watch", \
+                s["reference"]["spawn_baseline_us"], None, None, ""
+        elif name == "memory":
+            p = s["params"]
+            yield name, f"RSS, {p['clients']}x{p['watches_per_client']} watches, " \
+                f"{p['threads']} thr", s["reference"]["c_holder_rss_mib"], _d(s, "rss_mib"), \
+                None, ""
+            yield name, "RSS growth / Python floor", s["reference"]["python_floor_rss_mib"], \
+                _d(s, "growth_mib"), None, ""
+
+
+def _d(s: dict[str, Any], key: str) -> Any:
+    d = s.get("daemon")
+    if isinstance(d, dict) and "error" in d:
+        return d
+    return d.get(key) if isinstance(d, dict) else None
+
+
+def table(res: dict[str, Any]) -> str:
+    head = ("scenario", "metric", "C reference", "daemon", "ratio", "goal")
+    body = [(a, b, _fmt(c), _short(_fmt(d)), _rat(e), f) for a, b, c, d, e, f in rows(res)]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+    return "\n".join(lines)
+
+
+def _short(s: str, n: int = 90) -> str:
+    s = " ".join(s.split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+# ---------------------------------------------------------------- main
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False)
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu": model,
+            "python": platform.python_version(), "gcc": gcc.stdout.split("\n")[0],
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="every scenario once at tiny sizes (smoke test; figures meaningless)")
+    ap.add_argument("--only", default=",".join(SCENARIOS),
+                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    ap.add_argument("--runs", type=int, help="runs per figure (default 7; 1 with --quick)")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the JSON")
+    ap.add_argument("--no-daemon", action="store_true",
+                    help="measure only the C references; daemon columns say why")
+    args = ap.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    if unknown := set(only) - set(SCENARIOS):
+        ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    sizes = QUICK if args.quick else FULL
+    if args.runs:
+        sizes = Sizes(**{**sizes.__dict__, "runs": args.runs, "rpc_runs": args.runs,
+                         "threads_runs": args.runs, "mem_runs": args.runs})
+    if os.geteuid() != 0:
+        print("bench: needs root (ptrace and perf_event_open on other processes)",
+              file=sys.stderr)
+        return 2
+
+    # Explicit handlers: a harness started in the background inherits SIGINT ignored, and
+    # SIGTERM/SIGHUP would otherwise kill it without its cleanup.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    res: dict[str, Any] = {"machine": machine(), "quick": args.quick, "sizes": {
+        k: v for k, v in sizes.__dict__.items() if k != "rpc_iters"}, "scenarios": {}}
+    status = 0
+    t0 = time.monotonic()
+    with ExitStack() as stack:
+        stack.callback(cleanup_all)
+        try:
+            for name in REFS:
+                build(name)
+            daemon = Daemon(stack, enabled=not args.no_daemon)
+            stack.callback(daemon.stop)
+            res["daemon"] = {"started": daemon.error is None, "error": daemon.error}
+            bench = Bench(sizes, daemon, res)
+            for name in only:
+                print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                try:
+                    res["scenarios"][name] = getattr(bench, name)()
+                except BenchError as e:
+                    res["scenarios"][name] = {"failed": str(e)}
+                    status = 1
+        except KeyboardInterrupt:
+            res["interrupted"] = True
+            status = 130
+        except BenchError as e:
+            res["failed"] = str(e)
+            status = 1
+    res["elapsed_s"] = round(time.monotonic() - t0, 1)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2) + "\n")
+    print(table(res))
+    if res.get("daemon", {}).get("error"):
+        print(f"\ndaemon side failed: {res['daemon']['error']}")
+    print(f"\n{res['elapsed_s']} s; JSON in {args.json}")
+    return status
