@@ -124,7 +124,7 @@ class Port(Protocol):
     def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object: ...
     def close_slot(self, handle: object) -> None: ...
     def read_count(self, handle: object) -> int: ...
-    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int]: ...
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]: ...
     def siginfo(self, tid: int) -> SigInfo: ...
     def eventmsg(self, tid: int) -> int: ...
     def cont(self, tid: int, sig: int) -> None: ...
@@ -166,6 +166,7 @@ class WatchRec:
     states: dict[int, str] = field(default_factory=dict)
     reasons: dict[int, str] = field(default_factory=dict)
     vdr_slot: int | None = None
+    exact: bool = True  # False once the kernel throttled an event this watch counted on
 
     def applies_to(self, tid: int) -> bool:
         return self.tid is None or self.tid == tid
@@ -190,6 +191,7 @@ class WatchRec:
             "state": self.state,
             "threads": dict(self.states),
             "count": self.count,
+            "exact": self.exact,
         }
 
 
@@ -218,6 +220,8 @@ class ThreadRec:
     stepping: set[int] = field(default_factory=set)
     interrupt_requesters: set[int] = field(default_factory=set)
     interrupt_sent: bool = False
+    reopen: bool = False  # slots wait to be reopened in another mode at the next stop
+    freed: bool = False  # a slot closed during the current reconcile pass
     parked_events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     detaching: bool = False
 
@@ -544,6 +548,11 @@ class Engine:
             return
         # Not ours: deliver it unchanged. A stopping signal then brings a group-stop.
         thread.resume_sig = sig
+        requesters = self._take_interrupts(thread)
+        if requesters:
+            thread.holds.update(requesters)
+            self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
+            return
         self._resume_now(thread)
 
     def on_group_stop(self, tid: int, sig: int) -> None:
@@ -577,19 +586,43 @@ class Engine:
         elif event == EVENT_EXIT:
             self._on_exit_stop(thread)
         elif event == EVENT_STOP:
-            thread.interrupt_sent = False
             if prev is ThreadState.NEW:
                 self._reconcile(thread)
             self._event_stop(thread)
             return
+        requesters = self._take_interrupts(thread)
+        if requesters:
+            thread.holds.update(requesters)
+            self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
         self._release(thread)
 
-    def on_samples(self, token: int, samples: Iterable[tuple[int, int, int]], lost: int) -> None:
-        """Samples drained from a notify-mode slot's ring buffer: one ``hit`` event per sample."""
+    def on_samples(
+        self, token: int, samples: Iterable[tuple[int, int, int]], lost: int, throttled: int = 0
+    ) -> None:
+        """What was drained from a notify-mode slot's ring: hits, losses, and throttling.
+
+        ``throttled`` counts the times the kernel's sample-rate limit
+        (kernel.perf_event_max_sample_rate) stopped the event for the rest of a tick: hits
+        in that time were neither sampled nor *counted*, so every owner of the slot is told
+        (``throttled`` event) and its count is marked inexact.
+        """
         entry = self._tokens.get(token)
         if entry is None:
             return
-        _thread, slot = entry
+        thread, slot = entry
+        if throttled:
+            self.counters["throttled"] += throttled
+            owners: dict[int, list[int]] = defaultdict(list)
+            for watch in slot.watches:
+                watch.exact = False
+                owners[watch.client].append(watch.id)
+            for cid, wids in owners.items():
+                self._emit(
+                    cid,
+                    "throttled",
+                    {"watches": wids, "tid": thread.tid, "times": throttled},
+                    False,
+                )
         by_client: dict[int, list[int]] = defaultdict(list)
         for watch in slot.watches:
             if watch.mode is Mode.NOTIFY:
@@ -818,10 +851,20 @@ class Engine:
         for thread in list(target.threads.values()):
             self._reconcile(thread)
 
-    def _reconcile(self, thread: ThreadRec, fresh: Collection[WatchRec] = ()) -> None:
-        """Make the thread's slots match the best wants; tell owners what changed."""
+    def _reconcile(
+        self, thread: ThreadRec, fresh: Collection[WatchRec] = (), *, again: bool = True
+    ) -> None:
+        """Make the thread's slots match the best wants; tell owners what changed.
+
+        A slot whose mode must change is reopened only while the thread is stopped: between
+        the close and the open a running thread would hit uncounted (closing a breakpoint
+        of a running thread takes IPIs, long enough for a tight loop to slip through —
+        measured). A running thread is interrupted instead, and the reopen happens just
+        before it runs again (:meth:`_resume_now`).
+        """
         if thread.state is ThreadState.NEW or thread.detaching:
             return
+        thread.freed = False
         target = self.targets[thread.pid]
         by_spec: dict[Spec, list[WatchRec]] = defaultdict(list)
         for watch in target.watches.values():
@@ -836,6 +879,8 @@ class Engine:
             if spec not in chosen:
                 self._close_slot(thread, spec)
         ranked = sorted(wants, key=lambda w: w.rank)
+        rank = {w.spec: w.rank for w in ranked}
+        stopped = thread.state is ThreadState.STOPPED
         for want in ranked:
             spec = want.spec
             if len(thread.slots) >= CAPACITY and spec not in thread.slots:
@@ -845,16 +890,33 @@ class Engine:
             watches = by_spec[spec]
             mode = max(w.mode for w in watches)
             slot = thread.slots.get(spec)
+            if slot is not None and any(w not in slot.watches for w in watches):
+                self._refresh(slot)  # baseline: earlier hits are not the newcomer's
             if slot is not None and slot.mode != mode:
+                if not stopped:
+                    self._reopen_later(thread)
+                    slot.watches = watches
+                    continue
                 self._close_slot(thread, spec)
                 slot = None
             if slot is None:
                 slot = self._open_slot(thread, spec, mode)
+                if slot is None and spec in thread.busy:
+                    # The kernel is out of slots (someone outside the daemon holds some):
+                    # our own lower-ranked slot gives way, as priority says (DESIGN 5.1).
+                    lower = [s for s in thread.slots if rank.get(s, (0, 0)) > want.rank]
+                    if lower:
+                        self._close_slot(thread, max(lower, key=lambda s: rank[s]))
+                        thread.busy.discard(spec)
+                        slot = self._open_slot(thread, spec, mode)
                 if slot is None:
                     continue
-            elif any(w not in slot.watches for w in watches):
-                self._refresh(slot)  # baseline: earlier hits are not the newcomer's
             slot.watches = watches
+        if thread.freed and thread.busy and again:
+            # A slot closed during this pass: what the kernel refused may fit now.
+            thread.busy.clear()
+            self._reconcile(thread, fresh, again=False)
+            return
         # Tell owners about every change of state on this thread.
         for spec, watches in by_spec.items():
             installed = spec in thread.slots
@@ -908,15 +970,15 @@ class Engine:
             # Hits still in the ring (and losses the kernel never got to report) belong to
             # the watches of this slot: deliver them before the ring goes.
             try:
-                samples, lost = self._port.drain(slot.handle, True)
+                samples, lost, throttled = self._port.drain(slot.handle, True)
             except NoSuchProcessError:
-                samples, lost = [], 0
-            self.on_samples(slot.token, samples, lost)
+                samples, lost, throttled = [], 0, 0
+            self.on_samples(slot.token, samples, lost, throttled)
         self._tokens.pop(slot.token, None)
         try:
             self._port.close_slot(slot.handle)
         finally:
-            thread.busy.clear()  # capacity may have changed for what the kernel refused
+            thread.freed = True  # capacity may have changed for what the kernel refused
 
     def _refresh(self, slot: SlotRec) -> int:
         """Read the slot's counter; credit the delta to every watch installed on it."""
@@ -942,7 +1004,8 @@ class Engine:
             if (thread.stepping and (info.code in (TRAP_TRACE, TRAP_BRKPT, TRAP_HWBKPT) or ours))
             else set()
         )
-        thread.stepping.clear()
+        if stepped:
+            thread.stepping.clear()  # else a foreign SIGTRAP came first: the step goes on
         hit: set[Spec] = set()
         for spec, slot in thread.slots.items():
             if self._refresh(slot):
@@ -951,6 +1014,10 @@ class Engine:
         thread.resume_sig = 0 if claimed else SIGTRAP
         if not claimed:
             self.counters["sigtraps_delivered"] += 1
+            log.info(
+                "thread %d: SIGTRAP (si_code %d, perf data %#x) is not the daemon's: delivered",
+                thread.tid, info.code, info.perf_data,
+            )
         if thread.detaching:
             self._resume_now(thread)
             return
@@ -964,6 +1031,9 @@ class Engine:
                 elif watch.mode is Mode.NOTIFY and slot.mode is Mode.STOP:
                     notifies[watch.client].append(watch.id)
         for cid in stepped:
+            stops.setdefault(cid, [])
+        interrupted = self._take_interrupts(thread)
+        for cid in interrupted:
             stops.setdefault(cid, [])
         if hit:
             self.counters["traps"] += 1
@@ -983,7 +1053,8 @@ class Engine:
         # Per client: a completed step is "step" to its requester even when the same trap
         # is another client's watch hit (one trap, two meanings).
         reasons = {
-            cid: "step" if cid in stepped and not wids else "watch" for cid, wids in stops.items()
+            cid: "step" if cid in stepped else "watch" if wids else "interrupt"
+            for cid, wids in stops.items()
         }
         if self._park and thread.resume_sig == 0:
             # Move the thread to an interrupt stop before telling anyone (module docstring).
@@ -1043,11 +1114,24 @@ class Engine:
                         False,
                     )
             self.counters["stops_reported"] += 1
-        if thread.interrupt_requesters and not thread.detaching:
-            requesters, thread.interrupt_requesters = thread.interrupt_requesters, set()
+        requesters = self._take_interrupts(thread)
+        if requesters:
             thread.holds.update(requesters)
             self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
         self._release(thread)
+
+    def _take_interrupts(self, thread: ThreadRec) -> set[int]:
+        """The clients waiting for an interrupt stop, served by this stop, whatever it is.
+
+        Any ptrace-stop consumes a pending PTRACE_INTERRUPT (kernel/signal.c, ptrace_stop:
+        "any trap clears pending STOP trap"), so the stop that comes first — a signal, a
+        clone, a hit — is the interrupt stop; none other will follow.
+        """
+        thread.interrupt_sent = False
+        if thread.detaching or not thread.interrupt_requesters:
+            return set()
+        requesters, thread.interrupt_requesters = thread.interrupt_requesters, set()
+        return requesters
 
     def _release(self, thread: ThreadRec) -> None:
         """Resume a stopped thread if nobody holds it any more."""
@@ -1055,7 +1139,23 @@ class Engine:
             return
         self._resume_now(thread)
 
+    def _reopen_later(self, thread: ThreadRec) -> None:
+        """Stop a running thread so that its slots can change mode (see _reconcile)."""
+        thread.reopen = True
+        if (
+            thread.state in (ThreadState.RUNNING, ThreadState.LISTENING)
+            and not thread.interrupt_sent
+        ):
+            try:
+                self._port.interrupt(thread.tid)
+                thread.interrupt_sent = True
+            except NoSuchProcessError:
+                pass
+
     def _resume_now(self, thread: ThreadRec) -> None:
+        if thread.reopen and not thread.detaching:
+            thread.reopen = False
+            self._reconcile(thread)  # stopped now: reopen what waits for another mode
         sig, thread.resume_sig = thread.resume_sig, 0
         tid = thread.tid
         try:
@@ -1201,12 +1301,12 @@ class Engine:
     def _detach_stopped(self, thread: ThreadRec, sig: int) -> None:
         """Detach a stopped thread, unless a SIGTRAP of ours is still queued for it."""
         if sig == 0 and self._port.pending_signals(thread.tid) & _SIGTRAP_BIT:
-            # Let it take the queued trap while still traced; _on_sigtrap suppresses it.
+            # Let it take the queued trap while still traced: it stops at once in its
+            # signal-delivery-stop, where _on_sigtrap suppresses it and detaches. (No
+            # PTRACE_INTERRUPT as well: a trap stop is checked before signals are dequeued,
+            # so it would stop again with the SIGTRAP still queued, for ever.)
             self._port.cont(thread.tid, 0)
             thread.state = ThreadState.RUNNING
-            thread.interrupt_sent = False
-            self._port.interrupt(thread.tid)
-            thread.interrupt_sent = True
             return
         try:
             self._port.detach(thread.tid, sig)
