@@ -649,10 +649,13 @@ def tracer_of(pid: int) -> int:
 
 @_oserrors("pending_signals")
 def pending_signals(tid: int) -> int:
-    """Mask of signals pending on thread ``tid`` or its process (SigPnd | ShdPnd), bit
-    ``sig - 1`` per signal. Raises NoSuchProcessError."""
+    """Mask of signals pending on thread ``tid`` itself (SigPnd), bit ``sig - 1`` per signal.
+
+    Only the thread's own queue: a perf SIGTRAP is always sent to the thread that hit
+    (send_sig_perf), while a process-wide one (ShdPnd, e.g. ``kill -TRAP``) is not the
+    daemon's and must reach the program. Raises NoSuchProcessError."""
     fields = _status_fields(f"/proc/{tid}/status")
-    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return int(fields["SigPnd"], 16)
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,13 +109,14 @@ class KernelPort:
         assert isinstance(handle, _kernel.BreakpointEvent)
         return handle.read_count()
 
-    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int]:
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]:
         assert isinstance(handle, _kernel.BreakpointEvent)
+        throttled = handle.throttled
         samples, lost = handle.drain()
         if final:
             # Losses the kernel had no chance to report as a PERF_RECORD_LOST.
             lost += max(0, handle.unaccounted())
-        return samples, lost
+        return samples, lost, handle.throttled - throttled
 
     def siginfo(self, tid: int) -> SigInfo:
         info = _kernel.getsiginfo(tid)
@@ -210,9 +211,9 @@ class Tracer:
             event = port.notify.get(fd)
             if event is None:
                 continue
-            samples, lost = port.drain(event, False)
-            if samples or lost:
-                self.engine.on_samples(port.tokens[fd], samples, lost)
+            samples, lost, throttled = port.drain(event, False)
+            if samples or lost or throttled:
+                self.engine.on_samples(port.tokens[fd], samples, lost, throttled)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         signals = _kernel.ChildSignals()
