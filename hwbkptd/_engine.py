@@ -503,12 +503,7 @@ class Engine:
             self._send_stop(thread, {cid: []}, reason="interrupt")
             return
         thread.interrupt_requesters.add(cid)
-        if (
-            thread.state in (ThreadState.RUNNING, ThreadState.LISTENING)
-            and not thread.interrupt_sent
-        ):
-            self._port.interrupt(tid)
-            thread.interrupt_sent = True
+        self._interrupt_if_running(thread)
 
     def get_regs(self, cid: int, tid: int) -> dict[str, int]:
         self._held_by(cid, tid)
@@ -1142,6 +1137,10 @@ class Engine:
     def _reopen_later(self, thread: ThreadRec) -> None:
         """Stop a running thread so that its slots can change mode (see _reconcile)."""
         thread.reopen = True
+        self._interrupt_if_running(thread)
+
+    def _interrupt_if_running(self, thread: ThreadRec) -> None:
+        """PTRACE_INTERRUPT a thread that runs (or sits in a group-stop), once."""
         if (
             thread.state in (ThreadState.RUNNING, ThreadState.LISTENING)
             and not thread.interrupt_sent
@@ -1286,15 +1285,8 @@ class Engine:
                 self._close_slot(thread, spec)
             if thread.state is ThreadState.STOPPED:
                 self._resume_now(thread)
-            elif (
-                thread.state in (ThreadState.RUNNING, ThreadState.LISTENING)
-                and not thread.interrupt_sent
-            ):
-                try:
-                    self._port.interrupt(thread.tid)
-                    thread.interrupt_sent = True
-                except NoSuchProcessError:
-                    pass
+            else:
+                self._interrupt_if_running(thread)
         if not target.threads:
             self.targets.pop(target.pid, None)
 

@@ -591,10 +591,11 @@ class ChildSignals:
 
     def drain(self) -> None:
         """Consume every queued SIGCHLD (they carry nothing waitpid does not tell)."""
+        size = 128 * 16  # sixteen signalfd_siginfo records
         while True:
             try:
-                if not os.read(self.fd, 128 * 16):
-                    return
+                if len(os.read(self.fd, size)) < size:
+                    return  # a short read took everything that was queued
             except BlockingIOError:
                 return
 

@@ -90,7 +90,7 @@ def format_status(status: dict[str, Any]) -> str:
     uptime = status.get("uptime")
     out.append(
         f"hwbkptd {status.get('version', '?')} pid {status.get('pid', '?')}"
-        + (f", up {_duration(uptime)}" if isinstance(uptime, int | float) else "")
+        + (f", up {_top.format_duration(uptime)}" if isinstance(uptime, int | float) else "")
         + (f", socket {status['socket']}" if status.get("socket") else "")
     )
     counters = status.get("counters") or {}
@@ -164,16 +164,7 @@ def _pending_text(p: Any) -> str:
     )
 
 
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s // 60 % 60:02d}m"
-
-
-#: Subcommand name → what it does. The lead adds ``watch``, ``dr``, ``top``, ``demo`` here.
+#: Subcommand name → what it does.
 COMMANDS: dict[str, Command] = {
     "status": Command("show clients, targets, slots and counters", _configure_status, _run_status),
     "watch": Command(

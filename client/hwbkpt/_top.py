@@ -66,7 +66,8 @@ def _rate(delta: float, seconds: float) -> str:
     return f"{rate:.0f}" if rate >= 10 or rate == 0 else f"{rate:.1f}"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m07s``, ``2h05m``: an uptime for people."""
     s = int(seconds)
     if s < 60:
         return f"{s}s"
@@ -110,7 +111,7 @@ class Frames:
         uptime = status.get("uptime")
         out.append(
             f"hwbkptd {status.get('version', '?')}  pid {status.get('pid', '?')}"
-            + (f"  up {_duration(uptime)}" if isinstance(uptime, int | float) else "")
+            + (f"  up {format_duration(uptime)}" if isinstance(uptime, int | float) else "")
             + f"  {len(clients)} client{'s' * (len(clients) != 1)}"
             + f"  {len(targets)} target{'s' * (len(targets) != 1)}"
         )

@@ -135,14 +135,7 @@ class AsyncClient:
         """
         msgid, data = self._session.request(method, params)
         try:
-            async with self._send_lock:
-                self._session.check_alive()
-                assert self._stream is not None
-                try:
-                    await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
-                    self._session.connection_lost(f"writing to the socket failed: {err}")
-                    raise self._session.lost_error() from err
+            await self._send_only(data)
             while not self._session.has_result(msgid) and not self._session.lost:
                 await self._receive()
         except BaseException:
