@@ -73,7 +73,7 @@ from hwbkpt_proto import (
     PermissionDeniedError,
 )
 from hwbkptd._alloc import CAPACITY, Want, choose
-from hwbkptd._model import Key, Mode, Spec
+from hwbkptd._model import Mode, Spec
 
 __all__ = [
     "TOKEN_MAGIC",
@@ -512,6 +512,11 @@ class Engine:
     def set_regs(self, cid: int, tid: int, regs: Mapping[str, int]) -> None:
         self._held_by(cid, tid)
         self._port.setregs(tid, regs)
+
+    def pid_of(self, tid: int) -> int | None:
+        """The process of a managed thread, or ``None`` if the daemon does not manage it."""
+        thread = self._threads.get(tid)
+        return thread.pid if thread is not None else None
 
     def stopped_for(self, cid: int, tid: int) -> bool:
         thread = self._threads.get(tid)
@@ -1312,7 +1317,3 @@ class Engine:
             if not target.threads and target.detaching:
                 self.targets.pop(target.pid, None)
 
-
-def key_of(thread: ThreadRec, spec: Spec) -> Key:
-    """The key (thread, spec) a slot realizes; for status and logs."""
-    return Key(thread.tid, spec)

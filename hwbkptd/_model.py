@@ -13,7 +13,6 @@ __all__ = [
     "REGISTER_NAMES",
     "USER_SPACE_END",
     "Access",
-    "Key",
     "Mode",
     "Spec",
     "check_spec",
@@ -63,14 +62,6 @@ class Spec:
     addr: int
     length: int
     access: Access
-
-
-@dataclass(frozen=True, slots=True)
-class Key:
-    """One physical slot's worth of work on one thread."""
-
-    tid: int
-    spec: Spec
 
 
 def check_spec(addr: int, length: int, access: Access) -> str | None:

@@ -109,7 +109,7 @@ class RawDebugRegisters:
         for key in [k for k in self._vdrs if k[0] == cid]:
             del self._vdrs[key]
             self._watches.pop(key, None)
-            pids.add(self._pid_of(key[1]))
+            pids.add(self._engine.pid_of(key[1]))
         for pid in pids:
             if pid is not None:
                 self._engine.release_interest(pid)
@@ -141,11 +141,8 @@ class RawDebugRegisters:
     def _interested(self, pid: int) -> bool:
         # Registers a client has touched keep their process managed until the client goes
         # (a debugger expects its DR0-3 values to read back, enabled or not).
-        return any(self._pid_of(tid) == pid for _, tid in self._vdrs)
+        return any(self._engine.pid_of(tid) == pid for _, tid in self._vdrs)
 
-    def _pid_of(self, tid: int) -> int | None:
-        thread = self._engine._threads.get(tid)
-        return thread.pid if thread is not None else None
 
     def _forget(self, pid: int, tids: Iterable[int]) -> None:
         gone = set(tids)

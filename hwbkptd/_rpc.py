@@ -216,10 +216,8 @@ class EngineBackend:
         authorize(self._peers[client.id], pid)
 
     def _pid_of(self, tid: int) -> int:
-        thread = self.engine._threads.get(tid)
-        if thread is not None:
-            return thread.pid
-        return _kernel.tgid_of(tid)
+        pid = self.engine.pid_of(tid)
+        return pid if pid is not None else _kernel.tgid_of(tid)
 
     def _authorize_tid(self, client: ClientHandle, p: Params, *, done: bool = True) -> int:
         tid = p.integer("tid", lo=1, hi=(1 << 31) - 1)

@@ -56,7 +56,6 @@ from hwbkpt_proto import (
     InternalError,
     LimitExceededError,
     Limits,
-    NotFoundError,
     Notification,
     ProtocolError,
     Request,
@@ -69,7 +68,6 @@ __all__ = [
     "Backend",
     "ClientHandle",
     "Counters",
-    "NullBackend",
     "Server",
     "StartupError",
     "serve",
@@ -350,34 +348,6 @@ class Backend(Protocol):
 
     def shutdown(self) -> None:
         """SIGTERM/SIGINT: detach from everything, leave every target running."""
-
-
-class NullBackend:
-    """A backend with no engine: the server's own methods work, every other one is unknown."""
-
-    capabilities: list[str] = []
-
-    def client_connected(self, client: ClientHandle) -> None:
-        pass
-
-    def client_disconnected(self, client: ClientHandle) -> None:
-        pass
-
-    async def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
-        await trio.lowlevel.checkpoint()
-        raise NotFoundError(
-            f"unknown method {method!r} (this daemon runs without an engine backend)"
-        )
-
-    def status(self) -> dict[str, Any]:
-        return {"targets": [], "backend": "null"}
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
-
-    def shutdown(self) -> None:
-        pass
 
 
 @dataclass
