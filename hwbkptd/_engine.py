@@ -27,45 +27,20 @@ hits since it was installed. Routing by counter deltas rather than by the SIGTRA
 ``si_perf_data`` is required: one instruction can fire two events and yield one SIGTRAP
 (legacy signals coalesce; DESIGN §4).
 
-*Whose SIGTRAP.* At a SIGTRAP signal-delivery-stop the signal is the daemon's if it is a
-``TRAP_PERF`` carrying one of the daemon's tokens (``sig_data``), or the trap of a single
-step the daemon requested. Those are suppressed. Anything else — ``kill``, the program's
-own ``int3``, a trap flag it set itself — is delivered unchanged when the thread resumes,
-even if the same stop also carried hits of ours.
-
-*Holds.* A stop is reported to every client with a stop-mode watch that advanced (and to
-a client whose step completed); the thread runs again only when every one of them has
-resumed it, stepped it, or gone. A step request makes the next resume a single step; its
-trap is reported only to the clients that asked for it.
-
-*Parking.* A thread held in a SIGTRAP signal-delivery-stop would receive that SIGTRAP —
-and most programs die of it — if the daemon were killed. Before reporting such a stop the
-engine therefore moves the thread to an interrupt stop: ``PTRACE_INTERRUPT`` then
-``PTRACE_CONT`` with the signal cancelled; the thread re-enters the kernel's signal loop,
-finds the pending trap and stops again in a ``PTRACE_EVENT_STOP``, where a tracer's death
-simply lets it run on. Clients are told of the stop once it is parked.
-
-*Detach.* When nothing needs a target any more (no watch, no hold, no virtual debug
-register in use) every slot is closed and every thread interrupted; at its next stop a
-thread is detached — unless a SIGTRAP of ours is still queued for it, which would kill the
-program after the detach: then it is continued once more, the trap swallowed, and
-detached at the stop that follows.
+The ptrace side — stops, holds, whose SIGTRAP, thread life and detach — is in
+:mod:`hwbkptd._stops`; the records both share are in :mod:`hwbkptd._records`.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
-import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
 
 from hwbkpt_proto import (
-    BusyError,
     InvalidArgumentError,
     NoSpaceError,
     NoSuchProcessError,
@@ -74,6 +49,19 @@ from hwbkpt_proto import (
 )
 from hwbkptd._alloc import CAPACITY, Want, choose
 from hwbkptd._model import Mode, Spec
+from hwbkptd._records import (
+    TOKEN_MAGIC,
+    ClientRec,
+    Emit,
+    Port,
+    SigInfo,
+    SlotRec,
+    TargetRec,
+    ThreadRec,
+    ThreadState,
+    WatchRec,
+)
+from hwbkptd._stops import StopHandling
 
 __all__ = [
     "TOKEN_MAGIC",
@@ -86,162 +74,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# si_code values of SIGTRAP (include/uapi/asm-generic/siginfo.h).
-TRAP_BRKPT = 1
-TRAP_TRACE = 2
-TRAP_HWBKPT = 4
-TRAP_PERF = 6
 
-# ptrace event numbers (include/uapi/linux/ptrace.h).
-EVENT_CLONE = 3
-EVENT_EXEC = 4
-EVENT_EXIT = 6
-EVENT_STOP = 128
-
-# Every sig_data the daemon gives a stop-mode event carries this tag in its upper half, so a
-# TRAP_PERF SIGTRAP is recognized as ours even after its event was closed or reopened.
-TOKEN_MAGIC = 0x68776270 << 32  # "hwbp"
-_TOKEN_MASK = 0xFFFFFFFF << 32
-
-SIGTRAP = int(signal.SIGTRAP)
-_SIGTRAP_BIT = 1 << (SIGTRAP - 1)
-
-
-@dataclass(frozen=True, slots=True)
-class SigInfo:
-    """What the engine needs of a SIGTRAP's siginfo."""
-
-    code: int
-    perf_data: int
-
-
-class Port(Protocol):
-    """The kernel operations the engine uses (all errors are hwbkpt_proto errors)."""
-
-    def seize(self, tid: int) -> None: ...
-    def threads_of(self, pid: int) -> list[int]: ...
-    def tgid_of(self, tid: int) -> int: ...
-    def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object: ...
-    def close_slot(self, handle: object) -> None: ...
-    def read_count(self, handle: object) -> int: ...
-    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]: ...
-    def siginfo(self, tid: int) -> SigInfo: ...
-    def eventmsg(self, tid: int) -> int: ...
-    def cont(self, tid: int, sig: int) -> None: ...
-    def singlestep(self, tid: int, sig: int) -> None: ...
-    def interrupt(self, tid: int) -> None: ...
-    def listen(self, tid: int) -> None: ...
-    def detach(self, tid: int, sig: int) -> None: ...
-    def getregs(self, tid: int) -> dict[str, int]: ...
-    def setregs(self, tid: int, regs: Mapping[str, int]) -> None: ...
-    def pending_signals(self, tid: int) -> int: ...
-
-
-Emit = Callable[[int, str, dict[str, Any], bool], None]
-"""``emit(client_id, kind, fields, droppable)`` queues one event for one client."""
-
-
-class ThreadState(enum.Enum):
-    NEW = "new"
-    RUNNING = "running"
-    STOPPED = "stopped"
-    PARKING = "parking"
-    LISTENING = "listening"
-
-
-@dataclass(eq=False, slots=True)
-class WatchRec:
-    """One client's watch (logical breakpoint)."""
-
-    id: int
-    client: int
-    pid: int
-    tid: int | None
-    spec: Spec
-    mode: Mode
-    priority: int
-    seq: int
-    count: int = 0
-    # Per thread: "installed" or "pending", and why a pending one is not installed.
-    states: dict[int, str] = field(default_factory=dict)
-    reasons: dict[int, str] = field(default_factory=dict)
-    vdr_slot: int | None = None
-    exact: bool = True  # False once the kernel throttled an event this watch counted on
-
-    def applies_to(self, tid: int) -> bool:
-        return self.tid is None or self.tid == tid
-
-    @property
-    def state(self) -> str:
-        """ "installed" when installed on every thread it applies to, else "pending"."""
-        if self.states and all(s == "installed" for s in self.states.values()):
-            return "installed"
-        return "pending"
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "pid": self.pid,
-            "tid": self.tid,
-            "addr": self.spec.addr,
-            "length": self.spec.length,
-            "access": self.spec.access.value,
-            "mode": self.mode.wire,
-            "priority": self.priority,
-            "state": self.state,
-            "threads": dict(self.states),
-            "count": self.count,
-            "exact": self.exact,
-        }
-
-
-@dataclass(eq=False, slots=True)
-class SlotRec:
-    """One installed kernel breakpoint event, shared by every watch of its spec on a thread."""
-
-    spec: Spec
-    handle: object
-    mode: Mode
-    token: int
-    last: int = 0
-    watches: list[WatchRec] = field(default_factory=list)
-
-
-@dataclass(eq=False, slots=True)
-class ThreadRec:
-    tid: int
-    pid: int
-    state: ThreadState
-    slots: dict[Spec, SlotRec] = field(default_factory=dict)
-    busy: set[Spec] = field(default_factory=set)
-    holds: set[int] = field(default_factory=set)
-    resume_sig: int = 0
-    step_requesters: set[int] = field(default_factory=set)
-    stepping: set[int] = field(default_factory=set)
-    interrupt_requesters: set[int] = field(default_factory=set)
-    interrupt_sent: bool = False
-    reopen: bool = False  # slots wait to be reopened in another mode at the next stop
-    freed: bool = False  # a slot closed during the current reconcile pass
-    parked_events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    detaching: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class TargetRec:
-    pid: int
-    threads: dict[int, ThreadRec] = field(default_factory=dict)
-    watches: dict[int, WatchRec] = field(default_factory=dict)
-    detaching: bool = False
-    clients: set[int] = field(default_factory=set)  # clients told about this target
-
-
-@dataclass(eq=False, slots=True)
-class ClientRec:
-    id: int
-    watches: dict[int, WatchRec] = field(default_factory=dict)
-
-
-class Engine:
+class Engine(StopHandling):
     """All daemon state that is not I/O. See the module docstring."""
 
     def __init__(
@@ -269,8 +103,6 @@ class Engine:
         self.on_trap_hook: Callable[[ThreadRec, set[Spec], set[int]], dict[int, int]] | None = None
         self.interest_hook: Callable[[int], bool] | None = None
         self.forget_hook: Callable[[int, Iterable[int]], None] | None = None
-
-    # ------------------------------------------------------------------ clients
 
     def add_client(self, cid: int) -> None:
         self._clients[cid] = ClientRec(cid)
@@ -304,8 +136,6 @@ class Engine:
 
     def client_watch_count(self, cid: int) -> int:
         return len(self._clients[cid].watches)
-
-    # ------------------------------------------------------------------ watches
 
     def watch(
         self,
@@ -475,126 +305,10 @@ class Engine:
                     self._refresh(slot)
         return watch.count
 
-    # ------------------------------------------------------------------ stops
-
-    def resume(self, cid: int, tid: int) -> None:
-        """Release ``cid``'s hold on a stopped thread. Raises BusyError if it holds none."""
-        thread = self._held_by(cid, tid)
-        thread.holds.discard(cid)
-        # The last hold of a target whose watches are gone: detach now (DESIGN §5.5).
-        target = self.targets.get(thread.pid)
-        if target is not None:
-            self._maybe_detach(target)
-        self._release(thread)
-
-    def step(self, cid: int, tid: int) -> None:
-        """Release ``cid``'s hold; the thread's next resume is one single step for ``cid``."""
-        thread = self._held_by(cid, tid)
-        thread.holds.discard(cid)
-        thread.step_requesters.add(cid)
-        self._release(thread)
-
-    def interrupt(self, cid: int, tid: int) -> None:
-        """Stop a thread for ``cid``; a ``stop`` event with reason "interrupt" follows."""
-        thread = self._thread(tid)
-        self.targets[thread.pid].clients.add(cid)
-        if thread.state is ThreadState.STOPPED and not thread.detaching:
-            thread.holds.add(cid)
-            self._send_stop(thread, {cid: []}, reason="interrupt")
-            return
-        thread.interrupt_requesters.add(cid)
-        self._interrupt_if_running(thread)
-
-    def get_regs(self, cid: int, tid: int) -> dict[str, int]:
-        self._held_by(cid, tid)
-        return self._port.getregs(tid)
-
-    def set_regs(self, cid: int, tid: int, regs: Mapping[str, int]) -> None:
-        self._held_by(cid, tid)
-        self._port.setregs(tid, regs)
-
     def pid_of(self, tid: int) -> int | None:
         """The process of a managed thread, or ``None`` if the daemon does not manage it."""
         thread = self._threads.get(tid)
         return thread.pid if thread is not None else None
-
-    def stopped_for(self, cid: int, tid: int) -> bool:
-        thread = self._threads.get(tid)
-        return thread is not None and thread.state is ThreadState.STOPPED and cid in thread.holds
-
-    # ------------------------------------------------------------------ facts from waitpid
-
-    def on_exited(self, tid: int, code: int | None, sig: int | None) -> None:
-        """A thread is gone (WIFEXITED with ``code`` or WIFSIGNALED with ``sig``)."""
-        thread = self._threads.get(tid)
-        if thread is None:
-            return
-        target = self.targets.get(thread.pid)
-        self._forget_thread(thread, reason="thread-exit")
-        if target is None:
-            return
-        if tid == target.pid or not target.threads:
-            self._end_target(target, code, sig)
-
-    def on_signal_stop(self, tid: int, sig: int) -> None:
-        """Signal-delivery-stop: decide whose the signal is and what happens next."""
-        thread = self._known(tid)
-        if thread is None:
-            self._orphan_stop(tid, sig)
-            return
-        thread.state = ThreadState.STOPPED
-        if sig == SIGTRAP:
-            self._on_sigtrap(thread)
-            return
-        # Not ours: deliver it unchanged. A stopping signal then brings a group-stop.
-        thread.resume_sig = sig
-        requesters = self._take_interrupts(thread)
-        if requesters:
-            thread.holds.update(requesters)
-            self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
-            return
-        self._resume_now(thread)
-
-    def on_group_stop(self, tid: int, sig: int) -> None:
-        """Group-stop (job control): stay stopped as an untraced program would."""
-        thread = self._known(tid)
-        if thread is None:
-            self._orphan_stop(tid, 0)
-            return
-        thread.interrupt_sent = False
-        if thread.detaching or thread.interrupt_requesters:
-            thread.state = ThreadState.STOPPED
-            self._event_stop(thread)
-            return
-        thread.state = ThreadState.LISTENING
-        self._port.listen(tid)
-
-    def on_event_stop(self, tid: int, event: int, sig: int) -> None:
-        """A PTRACE_EVENT stop: clone, exec, exit, or an interrupt / initial stop."""
-        thread = self._known(tid)
-        if thread is None:
-            self._orphan_stop(tid, 0)
-            return
-        prev = thread.state
-        thread.state = ThreadState.STOPPED
-        thread.resume_sig = 0
-        if event == EVENT_CLONE:
-            self._on_clone(thread)
-        elif event == EVENT_EXEC:
-            self._on_exec(thread)
-            return
-        elif event == EVENT_EXIT:
-            self._on_exit_stop(thread)
-        elif event == EVENT_STOP:
-            if prev is ThreadState.NEW:
-                self._reconcile(thread)
-            self._event_stop(thread)
-            return
-        requesters = self._take_interrupts(thread)
-        if requesters:
-            thread.holds.update(requesters)
-            self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
-        self._release(thread)
 
     def on_samples(
         self, token: int, samples: Iterable[tuple[int, int, int]], lost: int, throttled: int = 0
@@ -661,8 +375,6 @@ class Engine:
                 thread.busy.clear()
                 self._reconcile(thread)
 
-    # ------------------------------------------------------------------ shutdown
-
     def shutdown(self) -> list[int]:
         """Close every slot and start detaching every thread; return the tids still traced.
 
@@ -681,8 +393,6 @@ class Engine:
 
     def traced(self) -> list[int]:
         return list(self._threads)
-
-    # ------------------------------------------------------------------ status
 
     def status(self) -> list[dict[str, Any]]:
         out = []
@@ -728,8 +438,6 @@ class Engine:
             )
         return out
 
-    # ================================================================== internals
-
     def _own_watch(self, cid: int, wid: int) -> WatchRec:
         watch = self._clients[cid].watches.get(wid)
         if watch is None:
@@ -742,12 +450,6 @@ class Engine:
             raise NoSuchProcessError(
                 f"thread {tid} is not managed by the daemon: set a watch on its process first"
             )
-        return thread
-
-    def _held_by(self, cid: int, tid: int) -> ThreadRec:
-        thread = self._thread(tid)
-        if thread.state is not ThreadState.STOPPED or cid not in thread.holds:
-            raise BusyError(f"thread {tid} is not stopped for you; wait for a stop event")
         return thread
 
     def _known(self, tid: int) -> ThreadRec | None:
@@ -772,15 +474,6 @@ class Engine:
             if watch.applies_to(tid):
                 watch.states[tid] = "pending"
         return thread
-
-    def _orphan_stop(self, tid: int, sig: int) -> None:
-        """A stop of a thread no target claims (its process was let go): let it go too."""
-        try:
-            if sig == SIGTRAP and self._port.siginfo(tid).perf_data & _TOKEN_MASK == TOKEN_MAGIC:
-                sig = 0
-            self._port.detach(tid, sig)
-        except NoSuchProcessError:
-            pass
 
     def _ensure_target(self, pid: int) -> TargetRec:
         target = self.targets.get(pid)
@@ -844,8 +537,6 @@ class Engine:
             if slot is not None and watch in slot.watches:
                 self._refresh(slot)
                 slot.watches.remove(watch)
-
-    # --- allocation -----------------------------------------------------------
 
     def _reconcile_target(self, target: TargetRec) -> None:
         for thread in list(target.threads.values()):
@@ -993,327 +684,3 @@ class Engine:
                 watch.count += delta
             return delta
         return 0
-
-    # --- traps ------------------------------------------------------------------
-
-    def _on_sigtrap(self, thread: ThreadRec) -> None:
-        info = self._port.siginfo(thread.tid)
-        ours = info.code == TRAP_PERF and info.perf_data & _TOKEN_MASK == TOKEN_MAGIC
-        stepped = (
-            set(thread.stepping)
-            if (thread.stepping and (info.code in (TRAP_TRACE, TRAP_BRKPT, TRAP_HWBKPT) or ours))
-            else set()
-        )
-        if stepped:
-            thread.stepping.clear()  # else a foreign SIGTRAP came first: the step goes on
-        hit: set[Spec] = set()
-        for spec, slot in thread.slots.items():
-            if self._refresh(slot):
-                hit.add(spec)
-        claimed = ours or bool(stepped)
-        thread.resume_sig = 0 if claimed else SIGTRAP
-        if not claimed:
-            self.counters["sigtraps_delivered"] += 1
-            log.info(
-                "thread %d: SIGTRAP (si_code %d, perf data %#x) is not the daemon's: delivered",
-                thread.tid, info.code, info.perf_data,
-            )
-        if thread.detaching:
-            self._resume_now(thread)
-            return
-        stops: dict[int, list[int]] = defaultdict(list)
-        notifies: dict[int, list[int]] = defaultdict(list)
-        for spec in hit:
-            slot = thread.slots[spec]
-            for watch in slot.watches:
-                if watch.mode is Mode.STOP:
-                    stops[watch.client].append(watch.id)
-                elif watch.mode is Mode.NOTIFY and slot.mode is Mode.STOP:
-                    notifies[watch.client].append(watch.id)
-        for cid in stepped:
-            stops.setdefault(cid, [])
-        interrupted = self._take_interrupts(thread)
-        for cid in interrupted:
-            stops.setdefault(cid, [])
-        if hit:
-            self.counters["traps"] += 1
-        if notifies:
-            ip = self._port.getregs(thread.tid).get("rip", 0)
-            now = self._clock()
-            for cid, wids in notifies.items():
-                self.counters["hits_notified"] += 1
-                self._emit(
-                    cid, "hit", {"watches": wids, "tid": thread.tid, "ip": ip, "time": now}, True
-                )
-        dr6 = self.on_trap_hook(thread, hit, stepped) if self.on_trap_hook is not None else {}
-        if not stops:
-            self._resume_now(thread)
-            return
-        thread.holds.update(stops)
-        # Per client: a completed step is "step" to its requester even when the same trap
-        # is another client's watch hit (one trap, two meanings).
-        reasons = {
-            cid: "step" if cid in stepped else "watch" if wids else "interrupt"
-            for cid, wids in stops.items()
-        }
-        if self._park and thread.resume_sig == 0:
-            # Move the thread to an interrupt stop before telling anyone (module docstring).
-            thread.parked_events = [
-                (
-                    cid,
-                    {
-                        "watches": wids,
-                        "reason": reasons[cid],
-                        **({"dr6": dr6[cid]} if cid in dr6 else {}),
-                    },
-                )
-                for cid, wids in stops.items()
-            ]
-            self._port.interrupt(thread.tid)
-            self._port.cont(thread.tid, 0)
-            thread.interrupt_sent = True
-            thread.state = ThreadState.PARKING
-            return
-        for reason in set(reasons.values()):
-            group = {cid: wids for cid, wids in stops.items() if reasons[cid] == reason}
-            self._send_stop(thread, group, reason=reason, dr6=dr6)
-
-    def _send_stop(
-        self,
-        thread: ThreadRec,
-        stops: Mapping[int, list[int]],
-        *,
-        reason: str,
-        dr6: Mapping[int, int] | None = None,
-    ) -> None:
-        regs = self._port.getregs(thread.tid)
-        self.counters["stops_reported"] += 1
-        for cid, wids in stops.items():
-            fields: dict[str, Any] = {
-                "pid": thread.pid,
-                "tid": thread.tid,
-                "watches": wids,
-                "reason": reason,
-                "regs": regs,
-            }
-            if dr6 and cid in dr6:
-                fields["dr6"] = dr6[cid]
-            self._emit(cid, "stop", fields, False)
-
-    def _event_stop(self, thread: ThreadRec) -> None:
-        """At an interrupt stop: finish parking, serve interrupt requests, then release."""
-        if thread.parked_events:
-            events, thread.parked_events = thread.parked_events, []
-            regs = self._port.getregs(thread.tid)
-            for cid, extra in events:
-                if cid in thread.holds:
-                    self._emit(
-                        cid,
-                        "stop",
-                        {"pid": thread.pid, "tid": thread.tid, "regs": regs, **extra},
-                        False,
-                    )
-            self.counters["stops_reported"] += 1
-        requesters = self._take_interrupts(thread)
-        if requesters:
-            thread.holds.update(requesters)
-            self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
-        self._release(thread)
-
-    def _take_interrupts(self, thread: ThreadRec) -> set[int]:
-        """The clients waiting for an interrupt stop, served by this stop, whatever it is.
-
-        Any ptrace-stop consumes a pending PTRACE_INTERRUPT (kernel/signal.c, ptrace_stop:
-        "any trap clears pending STOP trap"), so the stop that comes first — a signal, a
-        clone, a hit — is the interrupt stop; none other will follow.
-        """
-        thread.interrupt_sent = False
-        if thread.detaching or not thread.interrupt_requesters:
-            return set()
-        requesters, thread.interrupt_requesters = thread.interrupt_requesters, set()
-        return requesters
-
-    def _release(self, thread: ThreadRec) -> None:
-        """Resume a stopped thread if nobody holds it any more."""
-        if thread.state is not ThreadState.STOPPED or thread.holds:
-            return
-        self._resume_now(thread)
-
-    def _reopen_later(self, thread: ThreadRec) -> None:
-        """Stop a running thread so that its slots can change mode (see _reconcile)."""
-        thread.reopen = True
-        self._interrupt_if_running(thread)
-
-    def _interrupt_if_running(self, thread: ThreadRec) -> None:
-        """PTRACE_INTERRUPT a thread that runs (or sits in a group-stop), once."""
-        if (
-            thread.state in (ThreadState.RUNNING, ThreadState.LISTENING)
-            and not thread.interrupt_sent
-        ):
-            try:
-                self._port.interrupt(thread.tid)
-                thread.interrupt_sent = True
-            except NoSuchProcessError:
-                pass
-
-    def _resume_now(self, thread: ThreadRec) -> None:
-        if thread.reopen and not thread.detaching:
-            thread.reopen = False
-            self._reconcile(thread)  # stopped now: reopen what waits for another mode
-        sig, thread.resume_sig = thread.resume_sig, 0
-        tid = thread.tid
-        try:
-            if thread.detaching:
-                self._detach_stopped(thread, sig)
-                return
-            if thread.step_requesters:
-                thread.stepping |= thread.step_requesters
-                thread.step_requesters = set()
-            if thread.stepping:
-                # A step not yet completed (a signal came first) is stepped again.
-                self._port.singlestep(tid, sig)
-            else:
-                self._port.cont(tid, sig)
-        except NoSuchProcessError:
-            pass  # died meanwhile (SIGKILL); its exit status follows
-        thread.state = ThreadState.RUNNING
-
-    # --- thread life ------------------------------------------------------------
-
-    def _on_clone(self, parent: ThreadRec) -> None:
-        new_tid = self._port.eventmsg(parent.tid)
-        if new_tid and new_tid not in self._threads:
-            target = self.targets.get(parent.pid)
-            if target is not None:
-                self._add_thread(target, new_tid, ThreadState.NEW)
-
-    def _on_exit_stop(self, thread: ThreadRec) -> None:
-        """PTRACE_EVENT_EXIT: last chance to read the thread's counters."""
-        for spec in list(thread.slots):
-            self._close_slot(thread, spec)
-
-    def _on_exec(self, thread: ThreadRec) -> None:
-        """execve replaced the program: every watch on it ends (the kernel flushed DRs)."""
-        target = self.targets[thread.pid]
-        for other in list(target.threads.values()):
-            if other is not thread:
-                self._forget_thread(other, reason=None)
-        for spec in list(thread.slots):
-            self._close_slot(thread, spec)
-        thread.busy.clear()
-        owners = set(target.clients)
-        for watch in list(target.watches.values()):
-            owners.add(watch.client)
-            self._drop_watch(watch, reason=None)
-            watch.states.clear()
-        if self.forget_hook is not None:
-            self.forget_hook(target.pid, [thread.tid])
-        for cid in owners:
-            if cid in self._clients:
-                self._emit(cid, "exec", {"pid": target.pid}, False)
-        target.clients.clear()
-        thread.holds.clear()
-        self.counters["execs"] += 1
-        self._maybe_detach(target)
-        if thread.tid in self._threads:
-            self._release(thread)
-
-    def _forget_thread(self, thread: ThreadRec, reason: str | None) -> None:
-        """A thread is gone: free its slots and holds."""
-        for spec in list(thread.slots):
-            self._close_slot(thread, spec)
-        self._threads.pop(thread.tid, None)
-        target = self.targets.get(thread.pid)
-        if target is None:
-            return
-        target.threads.pop(thread.tid, None)
-        for watch in target.watches.values():
-            if (
-                watch.states.pop(thread.tid, None) is not None
-                and reason
-                and watch.tid == thread.tid
-            ):
-                self._emit(
-                    watch.client,
-                    "uninstalled",
-                    {"watch": watch.id, "tid": thread.tid, "reason": reason},
-                    False,
-                )
-        if self.forget_hook is not None:
-            self.forget_hook(thread.pid, [thread.tid])
-
-    def _end_target(self, target: TargetRec, code: int | None, sig: int | None) -> None:
-        """The process is gone: end every watch on it and tell the owners."""
-        for thread in list(target.threads.values()):
-            self._forget_thread(thread, reason=None)
-        owners = set(target.clients)
-        for watch in list(target.watches.values()):
-            owners.add(watch.client)
-            self._drop_watch(watch, reason=None)
-        self.targets.pop(target.pid, None)
-        if target.detaching:
-            return
-        for cid in owners:
-            if cid in self._clients:
-                self._emit(
-                    cid,
-                    "exit",
-                    {"pid": target.pid, "tid": target.pid, "code": code, "signal": sig},
-                    False,
-                )
-
-    # --- detach -----------------------------------------------------------------
-
-    def _maybe_detach(self, target: TargetRec) -> None:
-        if target.detaching or target.pid not in self.targets:
-            return
-        if target.watches:
-            return
-        for thread in target.threads.values():
-            if (
-                thread.holds
-                or thread.interrupt_requesters
-                or thread.parked_events
-                or thread.step_requesters
-            ):
-                return
-        if self.interest_hook is not None and self.interest_hook(target.pid):
-            return
-        self._begin_detach(target)
-
-    def _begin_detach(self, target: TargetRec) -> None:
-        target.detaching = True
-        self.counters["detaches"] += 1
-        for thread in list(target.threads.values()):
-            thread.detaching = True
-            for spec in list(thread.slots):
-                self._close_slot(thread, spec)
-            if thread.state is ThreadState.STOPPED:
-                self._resume_now(thread)
-            else:
-                self._interrupt_if_running(thread)
-        if not target.threads:
-            self.targets.pop(target.pid, None)
-
-    def _detach_stopped(self, thread: ThreadRec, sig: int) -> None:
-        """Detach a stopped thread, unless a SIGTRAP of ours is still queued for it."""
-        if sig == 0 and self._port.pending_signals(thread.tid) & _SIGTRAP_BIT:
-            # Let it take the queued trap while still traced: it stops at once in its
-            # signal-delivery-stop, where _on_sigtrap suppresses it and detaches. (No
-            # PTRACE_INTERRUPT as well: a trap stop is checked before signals are dequeued,
-            # so it would stop again with the SIGTRAP still queued, for ever.)
-            self._port.cont(thread.tid, 0)
-            thread.state = ThreadState.RUNNING
-            return
-        try:
-            self._port.detach(thread.tid, sig)
-        except NoSuchProcessError:
-            pass
-        thread.state = ThreadState.RUNNING
-        self._threads.pop(thread.tid, None)
-        target = self.targets.get(thread.pid)
-        if target is not None:
-            target.threads.pop(thread.tid, None)
-            if not target.threads and target.detaching:
-                self.targets.pop(target.pid, None)
-

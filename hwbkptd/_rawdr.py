@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from hwbkpt_proto import BusyError, DebugRegisterIOError, NoSuchProcessError
-from hwbkptd._engine import Engine, ThreadRec, WatchRec
+from hwbkptd._engine import Engine
 from hwbkptd._model import REGISTER_NAMES, Spec
+from hwbkptd._records import ThreadRec, WatchRec
 from hwbkptd._vdr import VirtualDebugRegisters, user_offset_to_dr
 
 __all__ = ["RawDebugRegisters"]

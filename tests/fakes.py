@@ -55,16 +55,9 @@ from hwbkpt_proto import (
     PermissionDeniedError,
 )
 from hwbkptd._alloc import CAPACITY
-from hwbkptd._engine import (
-    EVENT_CLONE,
-    EVENT_EXEC,
-    EVENT_EXIT,
-    EVENT_STOP,
-    TRAP_PERF,
-    Engine,
-    SigInfo,
-)
+from hwbkptd._engine import Engine
 from hwbkptd._model import Access, Mode, Spec
+from hwbkptd._records import EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_STOP, TRAP_PERF, SigInfo
 
 __all__ = [
     "SIGSTOP",

@@ -22,8 +22,8 @@ from hypothesis.stateful import (
 )
 
 from hwbkptd._alloc import CAPACITY, Want, choose
-from hwbkptd._engine import EVENT_STOP, TOKEN_MAGIC, TRAP_PERF, SigInfo, ThreadState
 from hwbkptd._model import Access, Mode, Spec
+from hwbkptd._records import EVENT_STOP, TOKEN_MAGIC, TRAP_PERF, SigInfo, ThreadState
 from tests.fakes import SI_KERNEL, SI_USER, SIGTRAP, Harness, Report
 
 PID = 100

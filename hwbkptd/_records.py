@@ -1,0 +1,193 @@
+"""The engine's records and its view of the kernel (the :class:`Port`).
+
+Plain state shared by :mod:`hwbkptd._engine` (watches, slots, counts) and
+:mod:`hwbkptd._stops` (stops, holds, thread life); no behaviour beyond small accessors.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hwbkptd._model import Mode, Spec
+
+__all__ = [
+    "EVENT_CLONE",
+    "EVENT_EXEC",
+    "EVENT_EXIT",
+    "EVENT_STOP",
+    "SIGTRAP",
+    "SIGTRAP_BIT",
+    "TOKEN_MAGIC",
+    "TOKEN_MASK",
+    "TRAP_BRKPT",
+    "TRAP_HWBKPT",
+    "TRAP_PERF",
+    "TRAP_TRACE",
+    "ClientRec",
+    "Emit",
+    "Port",
+    "SigInfo",
+    "SlotRec",
+    "TargetRec",
+    "ThreadRec",
+    "ThreadState",
+    "WatchRec",
+]
+
+# si_code values of SIGTRAP (include/uapi/asm-generic/siginfo.h).
+TRAP_BRKPT = 1
+TRAP_TRACE = 2
+TRAP_HWBKPT = 4
+TRAP_PERF = 6
+
+# ptrace event numbers (include/uapi/linux/ptrace.h).
+EVENT_CLONE = 3
+EVENT_EXEC = 4
+EVENT_EXIT = 6
+EVENT_STOP = 128
+
+# Every sig_data the daemon gives a stop-mode event carries this tag in its upper half, so a
+# TRAP_PERF SIGTRAP is recognized as ours even after its event was closed or reopened.
+TOKEN_MAGIC = 0x68776270 << 32  # "hwbp"
+TOKEN_MASK = 0xFFFFFFFF << 32
+
+SIGTRAP = int(signal.SIGTRAP)
+SIGTRAP_BIT = 1 << (SIGTRAP - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class SigInfo:
+    """What the engine needs of a SIGTRAP's siginfo."""
+
+    code: int
+    perf_data: int
+
+
+class Port(Protocol):
+    """The kernel operations the engine uses (all errors are hwbkpt_proto errors)."""
+
+    def seize(self, tid: int) -> None: ...
+    def threads_of(self, pid: int) -> list[int]: ...
+    def tgid_of(self, tid: int) -> int: ...
+    def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object: ...
+    def close_slot(self, handle: object) -> None: ...
+    def read_count(self, handle: object) -> int: ...
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]: ...
+    def siginfo(self, tid: int) -> SigInfo: ...
+    def eventmsg(self, tid: int) -> int: ...
+    def cont(self, tid: int, sig: int) -> None: ...
+    def singlestep(self, tid: int, sig: int) -> None: ...
+    def interrupt(self, tid: int) -> None: ...
+    def listen(self, tid: int) -> None: ...
+    def detach(self, tid: int, sig: int) -> None: ...
+    def getregs(self, tid: int) -> dict[str, int]: ...
+    def setregs(self, tid: int, regs: Mapping[str, int]) -> None: ...
+    def pending_signals(self, tid: int) -> int: ...
+
+
+Emit = Callable[[int, str, dict[str, Any], bool], None]
+"""``emit(client_id, kind, fields, droppable)`` queues one event for one client."""
+
+
+class ThreadState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    PARKING = "parking"
+    LISTENING = "listening"
+
+
+@dataclass(eq=False, slots=True)
+class WatchRec:
+    """One client's watch (logical breakpoint)."""
+
+    id: int
+    client: int
+    pid: int
+    tid: int | None
+    spec: Spec
+    mode: Mode
+    priority: int
+    seq: int
+    count: int = 0
+    # Per thread: "installed" or "pending", and why a pending one is not installed.
+    states: dict[int, str] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)
+    vdr_slot: int | None = None
+    exact: bool = True  # False once the kernel throttled an event this watch counted on
+
+    def applies_to(self, tid: int) -> bool:
+        return self.tid is None or self.tid == tid
+
+    @property
+    def state(self) -> str:
+        """ "installed" when installed on every thread it applies to, else "pending"."""
+        if self.states and all(s == "installed" for s in self.states.values()):
+            return "installed"
+        return "pending"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "tid": self.tid,
+            "addr": self.spec.addr,
+            "length": self.spec.length,
+            "access": self.spec.access.value,
+            "mode": self.mode.wire,
+            "priority": self.priority,
+            "state": self.state,
+            "threads": dict(self.states),
+            "count": self.count,
+            "exact": self.exact,
+        }
+
+
+@dataclass(eq=False, slots=True)
+class SlotRec:
+    """One installed kernel breakpoint event, shared by every watch of its spec on a thread."""
+
+    spec: Spec
+    handle: object
+    mode: Mode
+    token: int
+    last: int = 0
+    watches: list[WatchRec] = field(default_factory=list)
+
+
+@dataclass(eq=False, slots=True)
+class ThreadRec:
+    tid: int
+    pid: int
+    state: ThreadState
+    slots: dict[Spec, SlotRec] = field(default_factory=dict)
+    busy: set[Spec] = field(default_factory=set)
+    holds: set[int] = field(default_factory=set)
+    resume_sig: int = 0
+    step_requesters: set[int] = field(default_factory=set)
+    stepping: set[int] = field(default_factory=set)
+    interrupt_requesters: set[int] = field(default_factory=set)
+    interrupt_sent: bool = False
+    reopen: bool = False  # slots wait to be reopened in another mode at the next stop
+    freed: bool = False  # a slot closed during the current reconcile pass
+    parked_events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    detaching: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class TargetRec:
+    pid: int
+    threads: dict[int, ThreadRec] = field(default_factory=dict)
+    watches: dict[int, WatchRec] = field(default_factory=dict)
+    detaching: bool = False
+    clients: set[int] = field(default_factory=set)  # clients told about this target
+
+
+@dataclass(eq=False, slots=True)
+class ClientRec:
+    id: int
+    watches: dict[int, WatchRec] = field(default_factory=dict)
