@@ -169,7 +169,8 @@ class ThreadRec:
     holds: set[int] = field(default_factory=set)
     resume_sig: int = 0
     step_requesters: set[int] = field(default_factory=set)
-    stepping: set[int] = field(default_factory=set)
+    stepping: set[int] = field(default_factory=set)  # clients to tell of the step's trap
+    step_in_flight: bool = False  # the last resume was a PTRACE_SINGLESTEP
     interrupt_requesters: set[int] = field(default_factory=set)
     interrupt_sent: bool = False
     reopen: bool = False  # slots wait to be reopened in another mode at the next stop

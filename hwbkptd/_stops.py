@@ -226,19 +226,29 @@ class StopHandling:
 
     def _on_sigtrap(self, thread: ThreadRec) -> None:
         info = self._port.siginfo(thread.tid)
-        ours = info.code == TRAP_PERF and info.perf_data & TOKEN_MASK == TOKEN_MAGIC
-        stepped = (
-            set(thread.stepping)
-            if (thread.stepping and (info.code in (TRAP_TRACE, TRAP_BRKPT, TRAP_HWBKPT) or ours))
-            else set()
+        log.debug(
+            "thread %d: SIGTRAP si_code %d perf data %#x (step in flight: %s)",
+            thread.tid,
+            info.code,
+            info.perf_data,
+            thread.step_in_flight,
         )
-        if stepped:
-            thread.stepping.clear()  # else a foreign SIGTRAP came first: the step goes on
+        ours = info.code == TRAP_PERF and info.perf_data & TOKEN_MASK == TOKEN_MAGIC
+        # The trap of a step we issued is ours even if every client that asked for it has
+        # gone meanwhile (stepping over a syscall reports it as TRAP_BRKPT). A foreign
+        # SIGTRAP that comes first leaves the step in flight (it is stepped again).
+        step_done = thread.step_in_flight and (
+            info.code in (TRAP_TRACE, TRAP_BRKPT, TRAP_HWBKPT) or ours
+        )
+        stepped = set(thread.stepping) if step_done else set()
+        if step_done:
+            thread.stepping.clear()
+            thread.step_in_flight = False
         hit: set[Spec] = set()
         for spec, slot in thread.slots.items():
             if self._refresh(slot):
                 hit.add(spec)
-        claimed = ours or bool(stepped)
+        claimed = ours or step_done
         thread.resume_sig = 0 if claimed else SIGTRAP
         if not claimed:
             self.counters["sigtraps_delivered"] += 1
@@ -399,8 +409,16 @@ class StopHandling:
             if thread.step_requesters:
                 thread.stepping |= thread.step_requesters
                 thread.step_requesters = set()
-            if thread.stepping:
-                # A step not yet completed (a signal came first) is stepped again.
+            # A step not yet completed (a signal came first) is stepped again.
+            thread.step_in_flight = bool(thread.stepping)
+            log.debug(
+                "thread %d: %s with signal %d (stepping for %s)",
+                tid,
+                "singlestep" if thread.step_in_flight else "cont",
+                sig,
+                thread.stepping,
+            )
+            if thread.step_in_flight:
                 self._port.singlestep(tid, sig)
             else:
                 self._port.cont(tid, sig)

@@ -18,10 +18,18 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-__all__ = ["Daemon", "daemon", "daemon_factory", "start_daemon", "wait_for_socket"]
+__all__ = [
+    "Daemon",
+    "close_leftover_clients",
+    "daemon",
+    "daemon_factory",
+    "start_daemon",
+    "wait_for_socket",
+]
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
@@ -87,15 +95,21 @@ class Daemon:
         return f"<Daemon pid {self.pid} on {self.socket}>"
 
 
-def start_daemon(
-    socket_path: str, *args: str, log_path: Path, wait: bool = True
-) -> Daemon:
+def start_daemon(socket_path: str, *args: str, log_path: Path, wait: bool = True) -> Daemon:
     """Start a daemon on ``socket_path`` and (with ``wait``) wait until it answers.
 
     Raises ``RuntimeError`` with the daemon's log if it exits or does not answer in time.
     """
-    cmd = [sys.executable, "-m", "hwbkptd._main", "--socket", socket_path,
-           "--log-level", "debug", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hwbkptd._main",
+        "--socket",
+        socket_path,
+        "--log-level",
+        "debug",
+        *args,
+    ]
     with open(log_path, "ab") as log:
         # A file, not a pipe: a busy debug log must never block the daemon on a full pipe.
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -144,3 +158,21 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     return daemon_factory()
 
 
+@pytest.fixture(autouse=True)
+def close_leftover_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close every ``hwbkpt.Client`` a test opened and did not close (a failed assertion
+    skips its ``close()``), so that its socket is not garbage-collected — with a
+    ResourceWarning, an error under ``filterwarnings = error`` — during a later test."""
+    import hwbkpt
+
+    opened: list[hwbkpt.Client] = []
+    real_init = hwbkpt.Client.__init__
+
+    def tracking_init(self: hwbkpt.Client, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        opened.append(self)  # only a client that connected has a socket to close
+
+    monkeypatch.setattr(hwbkpt.Client, "__init__", tracking_init)
+    yield
+    for client in opened:
+        client.close()

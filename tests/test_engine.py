@@ -271,6 +271,23 @@ def test_step_is_reported_only_to_the_client_that_asked() -> None:
     assert h.kernel.state(tid) == "running"
 
 
+def test_step_trap_is_claimed_after_its_requester_left() -> None:
+    # The client steps and disconnects before the trap: the trap is still the daemon's
+    # (delivered, it would kill a program without a SIGTRAP handler).
+    h, [tid] = setup()
+    h.engine.watch(2, PID, A, Mode.COUNT)  # keeps the process managed after client 1 goes
+    h.engine.watch(1, PID, X, Mode.STOP)
+    assert write(h, tid, X)
+    h.take()
+    h.engine.step(1, tid)
+    assert ("singlestep", tid, 0) in h.kernel.calls
+    h.engine.remove_client(1)
+    h.settle()
+    assert h.kernel.delivered == []
+    assert h.kernel.killed == {}
+    assert h.kernel.state(tid) == "running"
+
+
 def test_step_survives_a_foreign_sigtrap_that_comes_first() -> None:
     h, [tid] = setup()
     h.kernel.handled.add(SIGTRAP)
