@@ -409,16 +409,20 @@ class StopHandling:
             if thread.step_requesters:
                 thread.stepping |= thread.step_requesters
                 thread.step_requesters = set()
-            # A step not yet completed (a signal came first) is stepped again.
-            thread.step_in_flight = bool(thread.stepping)
+            # A step not yet completed (a signal came first) is stepped again. A plain CONT
+            # does not clear step_in_flight: a step over a syscall queues its trap at the
+            # syscall's exit, before an interrupt stop there is taken, so it may still come
+            # after its requester left; only that trap clears it.
+            stepping = bool(thread.stepping)
             log.debug(
                 "thread %d: %s with signal %d (stepping for %s)",
                 tid,
-                "singlestep" if thread.step_in_flight else "cont",
+                "singlestep" if stepping else "cont",
                 sig,
                 thread.stepping,
             )
-            if thread.step_in_flight:
+            if stepping:
+                thread.step_in_flight = True
                 self._port.singlestep(tid, sig)
             else:
                 self._port.cont(tid, sig)
