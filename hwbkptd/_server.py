@@ -7,22 +7,14 @@ socket and one :class:`ClientHandle` per connection; everything else (watches, s
 ptrace) lives behind the :class:`Backend` seam, which the server calls with plain method
 calls from the trio main thread.
 
-Each connection runs in its own nursery with two tasks:
-
-* the **reader** feeds bytes to a sans-I/O :class:`hwbkpt_proto.Connection` and handles the
-  requests it yields *one at a time, in order* (a client's next request is not even read
-  before the previous one is answered: this keeps the engine free of per-client
-  concurrency and gives natural back-pressure). Different clients run concurrently.
-* the **writer** drains the client's outgoing queue. Everything queued since its last send
-  goes out in *one* ``send_all``: under a storm of ``hit`` events that turns thousands of
-  tiny writes into a few large ones.
-
-Responses and events share that queue, so a client sees them in the order they were
-produced. Responses are never dropped. Events are bounded per client
-(``max_queued_events``): a droppable event (``hit``) that finds the queue full is counted
-and dropped, and the next event that fits is preceded by a ``lost`` event with the count;
-an event that must not be lost (``stop``) finding the queue full disconnects the client,
-whose holds the backend then releases in ``client_disconnected`` (DESIGN.md §7).
+Each connection runs in its own nursery with two tasks: the **reader** feeds bytes to a
+sans-I/O :class:`hwbkpt_proto.Connection` and handles the requests it yields *one at a
+time, in order* (a client's next request is not read before the previous one is answered:
+this keeps the engine free of per-client concurrency and gives natural back-pressure;
+different clients run concurrently); the **writer** sends what the client's
+:class:`~hwbkptd._client.ClientHandle` could not write at once (see that module for
+ordering, batching and the per-client event limit). A request sent as a notification is
+run the same way, without a response; only its failure comes back, as an ``error`` event.
 
 Exceptions become error responses in exactly one place (:meth:`Server._answer`):
 a :class:`HwbkptError` with its own code, anything else as ``EINTERNAL`` with the traceback
@@ -31,7 +23,6 @@ logged. A malformed byte stream closes that one connection after an ``EPROTO`` e
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import grp
@@ -62,6 +53,7 @@ from hwbkpt_proto import (
     Response,
     response_for_error,
 )
+from hwbkptd._client import ClientHandle, Counters
 from hwbkptd._config import Config
 
 __all__ = [
@@ -78,8 +70,6 @@ log = logging.getLogger("hwbkptd.server")
 #: Hardware breakpoint slots per x86-64 thread (DR0-DR3).
 SLOTS_PER_THREAD = 4
 
-#: How long a client we are disconnecting gets to take its last message.
-_DISCONNECT_GRACE = 1.0
 
 #: How long a client refused for the client limit gets to send the request we refuse.
 _REFUSE_GRACE = 2.0
@@ -96,229 +86,6 @@ def daemon_version() -> str:
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do. ``main`` exits 1."""
-
-
-class ClientHandle:
-    """One client connection, as the backend sees it.
-
-    ``pid``, ``uid`` and ``gid`` are the peer's ``SO_PEERCRED`` credentials, read at accept
-    (the credentials of the process that called ``connect``); authorize against them.
-    ``name`` is what the client said in ``hello`` (``None`` before).
-    """
-
-    def __init__(
-        self,
-        client_id: int,
-        pid: int,
-        uid: int,
-        gid: int,
-        *,
-        max_queued_events: int,
-        cancel_scope: trio.CancelScope,
-    ) -> None:
-        self.id = client_id
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
-        self.name: str | None = None
-        self.connected_at = time.time()
-        self.disconnect_reason: str | None = None
-        self._conn = Connection(Limits())
-        self._max_queued_events = max_queued_events
-        self._cancel_scope = cancel_scope
-        # Encoded messages waiting for the writer, and how many of them are events.
-        self._out: collections.deque[bytes] = collections.deque()
-        self._queued_events = 0
-        self._lost = 0
-        self._wakeup = trio.lowlevel.ParkingLot()
-        self._fd = -1  # the connection's socket, once the server has it (for direct writes)
-        self._writing = False  # the writer task has a batch in flight
-        self._corked = False  # hold writes until uncork() (a batch of hits is being made)
-        self.events_sent = 0
-        self.events_dropped = 0
-        self._server_counters: Counters | None = None
-        # Stop-timeout bookkeeping (trio clock): when the oldest ``stop`` event still in
-        # ``_out`` was queued, and the same for the batch the writer is sending now. A stop
-        # counts as *taken* once the ``send_all`` of its batch has completed.
-        self._stop_queued_at: float | None = None
-        self._stop_sending_at: float | None = None
-
-    def __repr__(self) -> str:
-        return f"<client {self.id} pid={self.pid} uid={self.uid} gid={self.gid} name={self.name!r}>"
-
-    @property
-    def closing(self) -> bool:
-        """True once the client is being disconnected; further events are not queued."""
-        return self.disconnect_reason is not None
-
-    def send_event(self, kind: str, fields: dict[str, Any], *, droppable: bool = True) -> bool:
-        """Queue the event ``kind`` with ``fields`` for this client; never blocks.
-
-        Call it from any trio task of the main thread. When the client's queue already holds
-        ``max_queued_events`` events, a droppable event is counted and dropped (the client
-        gets a ``lost`` event before the next one that fits) and a non-droppable one
-        disconnects the client. Returns ``False`` if the event was not queued.
-
-        Raises :class:`ProtocolError` if ``fields`` cannot be encoded (a backend bug).
-        """
-        if self.closing:
-            return False
-        if self._queued_events >= self._max_queued_events:
-            if droppable:
-                # A dropped ``lost`` event (ring overflow) carries its own count.
-                if kind == "lost":
-                    count = fields.get("count", 1)
-                elif kind == "hits":
-                    count = len(fields.get("tid", ()))  # a batch: every hit in it is lost
-                else:
-                    count = 1
-                self._lost += count if type(count) is int and count > 0 else 1
-                self.events_dropped += 1
-                if self._server_counters is not None:
-                    self._server_counters.events_dropped += 1
-                return False
-            self.disconnect(
-                f"the client did not read its events: {self._queued_events} are queued "
-                f"and a {kind!r} event cannot be dropped"
-            )
-            return False
-        data = self._conn.send(Notification(kind, fields))
-        if kind == "stop" and self._stop_queued_at is None:
-            self._stop_queued_at = trio.current_time()
-        if self._lost:
-            self._report_lost()
-        # A batch of hits weighs what it holds: the limit is on events a client has not
-        # read, and a batch may overshoot it by its own size.
-        self._enqueue(data, events=len(fields.get("tid", ())) if kind == "hits" else 1)
-        if not self._out and not self._writing:
-            self._stop_queued_at = None  # written at once: taken
-        return True
-
-    def untaken_stop_since(self) -> float | None:
-        """Trio time at which the oldest ``stop`` event not yet written to the socket was
-        queued, or ``None``. Whether the client *resumed* does not matter here."""
-        times = [t for t in (self._stop_sending_at, self._stop_queued_at) if t is not None]
-        return min(times) if times else None
-
-    def disconnect(self, reason: str, *, code: str | None = None) -> None:
-        """Close this connection soon: queue a ``disconnected`` event, then hang up.
-
-        ``code`` (an error code such as ``EPROTO``) is added to the event when given. The
-        client gets a short grace period to read what is queued; a client that does not
-        read is cut off when it ends. ``Backend.client_disconnected`` follows as for any
-        disconnect. Calling it again does nothing.
-        """
-        if self.closing:
-            return
-        self.disconnect_reason = reason
-        log.info("disconnecting %r: %s", self, reason)
-        fields: dict[str, Any] = {"reason": reason}
-        if code is not None:
-            fields["code"] = code
-        with contextlib.suppress(ProtocolError):
-            self._enqueue(self._conn.send(Notification("disconnected", fields)))
-        self._cancel_scope.deadline = min(
-            self._cancel_scope.deadline, trio.current_time() + _DISCONNECT_GRACE
-        )
-        self._wakeup.unpark_all()
-
-    # -- used by the server -------------------------------------------------------------
-
-    def _enqueue(self, data: bytes, *, events: int = 0) -> None:
-        """Send ``data`` (holding ``events`` events, 0 for a response) in order."""
-        if not self._out and not self._writing and not self._corked:
-            self._write_now(data, events)
-            return
-        self._out.append(data)
-        self._queued_events += events
-        if not self._corked:
-            self._wakeup.unpark_all()
-
-    def _write_now(self, data: bytes, events: int) -> None:
-        """Write at once if the socket takes it; the rest goes to the writer task.
-
-        This is the per-hit path (a stop event, a batch of hits, a response), where a
-        trio task switch costs more than the write. The socket is non-blocking (trio made
-        it so); only called with nothing queued and no batch in flight, so order holds.
-        """
-        sent = 0
-        if self._fd >= 0:
-            try:
-                sent = os.write(self._fd, data)
-            except OSError:
-                sent = 0  # full (EAGAIN) or broken: the writer finds out which
-        if sent == len(data):
-            self.events_sent += events
-            if self._server_counters is not None:
-                self._server_counters.events_sent += events
-            if self._lost and not self.closing and not self._corked:
-                self._report_lost()  # the client reads again: tell it what it lost now
-            return
-        self._out.append(data[sent:])
-        self._queued_events += events
-        self._wakeup.unpark_all()
-
-    def cork(self) -> None:
-        """Hold what is sent from now on until :meth:`uncork`, to write it as one batch."""
-        self._corked = True
-
-    def uncork(self) -> None:
-        """Write everything held since :meth:`cork` in one go (or hand it to the writer)."""
-        self._corked = False
-        if not self._out:
-            return
-        if self._writing:
-            self._wakeup.unpark_all()
-            return
-        data = b"".join(self._out)
-        events, self._queued_events = self._queued_events, 0
-        self._out.clear()
-        self._write_now(data, events)
-        if not self._out and not self._writing:
-            self._stop_queued_at = None
-
-    def _queue_response(self, response: Response) -> None:
-        """Queue a response; never dropped, except that nothing follows ``disconnected``.
-
-        Raises ProtocolError if it cannot be encoded.
-        """
-        data = self._conn.send(response)
-        if not self.closing:
-            self._enqueue(data)
-
-    async def _writer(self, stream: trio.SocketStream) -> None:
-        while True:
-            if not self._out:
-                if self.closing:
-                    # Everything, the ``disconnected`` event included, has been sent.
-                    self._cancel_scope.cancel()
-                    return
-                await self._wakeup.park()
-                continue
-            batch = b"".join(self._out)
-            sent_events = self._queued_events
-            self._out.clear()
-            self._queued_events = 0
-            self._stop_sending_at, self._stop_queued_at = self._stop_queued_at, None
-            self._writing = True
-            try:
-                await stream.send_all(batch)
-            finally:
-                self._writing = False
-            self._stop_sending_at = None
-            self.events_sent += sent_events
-            if self._server_counters is not None:
-                self._server_counters.events_sent += sent_events
-            if self._lost and not self.closing and self._queued_events < self._max_queued_events:
-                # The client is reading again: report what it lost now, not only before
-                # the next event (which may never come).
-                self._report_lost()
-
-    def _report_lost(self) -> None:
-        lost, self._lost = self._lost, 0
-        self._enqueue(
-            self._conn.send(Notification("lost", {"count": lost, "what": "hit"})), events=1
-        )
 
 
 class Backend(Protocol):
@@ -348,26 +115,6 @@ class Backend(Protocol):
 
     def shutdown(self) -> None:
         """SIGTERM/SIGINT: detach from everything, leave every target running."""
-
-
-@dataclass
-class Counters:
-    """The server's counters, reported by ``status``."""
-
-    clients_total: int = 0
-    requests: int = 0
-    errors: int = 0
-    events_sent: int = 0
-    events_dropped: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "clients_total": self.clients_total,
-            "requests": self.requests,
-            "errors": self.errors,
-            "events_sent": self.events_sent,
-            "events_dropped": self.events_dropped,
-        }
 
 
 def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int, int]:
