@@ -288,9 +288,6 @@ class Engine(StopHandling):
                 self._reconcile(thread)
             self._maybe_detach(target)
 
-    def get_watch(self, cid: int, wid: int) -> WatchRec:
-        return self._own_watch(cid, wid)
-
     def list_watches(self, cid: int) -> list[WatchRec]:
         return list(self._clients[cid].watches.values())
 
@@ -363,10 +360,6 @@ class Engine(StopHandling):
             self.counters["hits_lost_ring"] += lost
             for cid in by_client:
                 self._emit(cid, "lost", {"count": lost, "what": "hit", "where": "ring"}, True)
-
-    def notify_tokens(self) -> list[int]:
-        """Tokens of slots configured for notify mode (their rings need draining)."""
-        return [t for t, (_, s) in self._tokens.items() if s.mode is Mode.NOTIFY]
 
     def retry_busy(self) -> None:
         """Try again to install specs the kernel refused with ENOSPC."""

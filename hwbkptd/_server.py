@@ -264,22 +264,11 @@ class Server:
 
     async def _answer(self, client: ClientHandle, request: Request) -> None:
         """Run one request and queue its response: the one place errors become responses."""
-        self.counters.requests += 1
         response: Response
         try:
-            result = await self._dispatch(client, request.method, request.params)
+            result = await self._run(client, request.method, request.params)
         except HwbkptError as err:
-            log.debug("%r %s failed: %s %s", client, request.method, err.code, err.message)
             response = response_for_error(request.msgid, err)
-        except Exception as err:
-            log.exception("%r %s(%r) crashed", client, request.method, request.params)
-            response = response_for_error(
-                request.msgid,
-                InternalError(
-                    f"{request.method} failed inside the daemon ({type(err).__name__}: {err}); "
-                    "this is a bug, the daemon's log has the traceback"
-                ),
-            )
         else:
             try:
                 client._queue_response(Response(request.msgid, None, result))
@@ -298,9 +287,8 @@ class Server:
         """A notification from a client is a call nobody waits for (e.g. ``resume`` in a
         hit loop): no response is sent, and only a failure comes back, as an ``error``
         event naming the method."""
-        self.counters.requests += 1
         try:
-            await self._dispatch(client, call.method, call.params)
+            await self._run(client, call.method, call.params)
         except HwbkptError as err:
             self.counters.errors += 1
             client.send_event(
@@ -308,18 +296,22 @@ class Server:
                 {"method": call.method, "code": err.code, "message": err.message},
                 droppable=False,
             )
+
+    async def _run(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
+        """Run one call; the one place where any failure becomes a :class:`HwbkptError`
+        (anything else is a daemon bug: ``EINTERNAL``, with the traceback logged)."""
+        self.counters.requests += 1
+        try:
+            return await self._dispatch(client, method, params)
+        except HwbkptError as err:
+            log.debug("%r %s failed: %s %s", client, method, err.code, err.message)
+            raise
         except Exception as err:
-            self.counters.errors += 1
-            log.exception("%r %s(%r) crashed", client, call.method, call.params)
-            client.send_event(
-                "error",
-                {
-                    "method": call.method,
-                    "code": InternalError.code,
-                    "message": f"{call.method} failed inside the daemon ({type(err).__name__})",
-                },
-                droppable=False,
-            )
+            log.exception("%r %s(%r) crashed", client, method, params)
+            raise InternalError(
+                f"{method} failed inside the daemon ({type(err).__name__}: {err}); "
+                "this is a bug, the daemon's log has the traceback"
+            ) from err
 
     async def _dispatch(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
         if method == "hello":

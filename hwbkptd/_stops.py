@@ -277,11 +277,13 @@ class StopHandling:
             stops.setdefault(cid, [])
         if hit:
             self.counters["traps"] += 1
+        # Registers are read once per trap, for notify hits and every stop event alike.
+        regs = self._port.getregs(thread.tid) if (notifies or stops) else {}
         if notifies:
-            ip = self._port.getregs(thread.tid).get("rip", 0)
+            ip = regs.get("rip", 0)
             now = self._clock()
+            self.counters["hits_notified"] += 1
             for cid, wids in notifies.items():
-                self.counters["hits_notified"] += 1
                 self._emit(
                     cid, "hit", {"watches": wids, "tid": thread.tid, "ip": ip, "time": now}, True
                 )
@@ -316,7 +318,7 @@ class StopHandling:
             return
         for reason in set(reasons.values()):
             group = {cid: wids for cid, wids in stops.items() if reasons[cid] == reason}
-            self._send_stop(thread, group, reason=reason, dr6=dr6)
+            self._send_stop(thread, group, reason=reason, dr6=dr6, regs=regs)
 
     def _send_stop(
         self,
@@ -325,8 +327,10 @@ class StopHandling:
         *,
         reason: str,
         dr6: Mapping[int, int] | None = None,
+        regs: dict[str, int] | None = None,
     ) -> None:
-        regs = self._port.getregs(thread.tid)
+        if regs is None:
+            regs = self._port.getregs(thread.tid)
         self.counters["stops_reported"] += 1
         for cid, wids in stops.items():
             fields: dict[str, Any] = {
