@@ -160,7 +160,7 @@ PTRACE_EVENT_EXIT: Final = 6
 PTRACE_EVENT_STOP: Final = 128
 
 # si_code values of SIGTRAP
-TRAP_BRKPT: Final = 1  # int3 (x86 reports it as SI_KERNEL, see below)
+TRAP_BRKPT: Final = 1  # int1 (icebp), a step over a syscall; not int3 (SI_KERNEL, below)
 TRAP_TRACE: Final = 2  # single step
 TRAP_HWBKPT: Final = 4  # a ptrace (POKEUSER) debug-register hit
 TRAP_PERF: Final = 6  # a perf event with sigtrap=1

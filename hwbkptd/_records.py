@@ -65,6 +65,7 @@ class SigInfo:
 
     code: int
     perf_data: int
+    addr: int = 0  # si_addr: for TRAP_BRKPT, the address after the trapping instruction
 
 
 class Port(Protocol):
@@ -87,6 +88,7 @@ class Port(Protocol):
     def getregs(self, tid: int) -> dict[str, int]: ...
     def setregs(self, tid: int, regs: Mapping[str, int]) -> None: ...
     def pending_signals(self, tid: int) -> int: ...
+    def read_memory(self, pid: int, addr: int, size: int) -> bytes: ...
 
 
 Emit = Callable[[int, str, dict[str, Any], bool], None]

@@ -9,7 +9,12 @@ Theory of operation
 ``TRAP_PERF`` carrying one of the daemon's tokens (``sig_data``), or the trap of a single
 step the daemon requested. Those are suppressed. Anything else — ``kill``, the program's
 own ``int3``, a trap flag it set itself — is delivered unchanged when the thread resumes,
-even if the same stop also carried hits of ours.
+even if the same stop also carried hits of ours. One exception: a ``TRAP_BRKPT`` trap on a
+thread carrying our breakpoints, with no step of ours in flight and not following the
+program's own ``int1`` (byte 0xF1), is a debug exception whose DR6 came back empty — the
+kernel reports those as ``int1`` — which we have seen once under virtualisation while our
+breakpoints fired at full rate. It is our breakpoint's (nothing else on the thread can
+raise a debug exception), so it is suppressed and reported as a possibly lost hit.
 
 *Holds.* A stop is reported to every client with a stop-mode watch that advanced (and to
 a client whose step completed); the thread runs again only when every one of them has
@@ -37,7 +42,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from hwbkpt_proto import BusyError, NoSuchProcessError
+from hwbkpt_proto import BusyError, HwbkptError, NoSuchProcessError
 from hwbkptd._model import Mode, Spec
 from hwbkptd._records import (
     EVENT_CLONE,
@@ -249,6 +254,8 @@ class StopHandling:
             if self._refresh(slot):
                 hit.add(spec)
         claimed = ours or step_done
+        if not claimed and info.code == TRAP_BRKPT and thread.slots:
+            claimed = self._empty_dr6_trap(thread, info.addr)
         thread.resume_sig = 0 if claimed else SIGTRAP
         if not claimed:
             self.counters["sigtraps_delivered"] += 1
@@ -399,6 +406,31 @@ class StopHandling:
                 thread.interrupt_sent = True
             except NoSuchProcessError:
                 pass
+
+    def _empty_dr6_trap(self, thread: ThreadRec, after: int) -> bool:
+        """Whether a ``TRAP_BRKPT`` with no step of ours in flight is a debug exception of
+        our breakpoints whose DR6 came back empty (the kernel's "icebp" case) rather than
+        the program's own ``int1`` ending at ``after``. Such a trap is claimed, and every
+        client with a watch on the thread is told a hit may be lost: without DR6 nobody,
+        the kernel included, knows which breakpoint fired, and no counter advanced."""
+        try:
+            own_int1 = self._port.read_memory(thread.pid, after - 1, 1) == b"\xf1"
+        except HwbkptError:
+            own_int1 = True  # cannot tell: the program's own trap, as before
+        if own_int1:
+            return False
+        log.warning(
+            "thread %d: debug exception with an empty DR6 at %#x (a hit of ours that the "
+            "CPU did not report): suppressed, owners told of a possibly lost hit",
+            thread.tid,
+            after,
+        )
+        self.counters["empty_dr6_traps"] += 1
+        owners = {w.client for slot in thread.slots.values() for w in slot.watches}
+        lost = {"count": 1, "what": "hit", "where": "cpu", "tid": thread.tid}
+        for cid in sorted(owners):
+            self._emit(cid, "lost", dict(lost), True)
+        return True
 
     def _resume_now(self, thread: ThreadRec) -> None:
         if thread.reopen and not thread.detaching:

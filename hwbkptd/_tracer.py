@@ -120,7 +120,7 @@ class KernelPort:
 
     def siginfo(self, tid: int) -> SigInfo:
         info = _kernel.getsiginfo(tid)
-        return SigInfo(code=info.code, perf_data=info.perf_data)
+        return SigInfo(code=info.code, perf_data=info.perf_data, addr=info.addr)
 
     def eventmsg(self, tid: int) -> int:
         return _kernel.geteventmsg(tid)
@@ -151,6 +151,9 @@ class KernelPort:
             return _kernel.pending_signals(tid)
         except NoSuchProcessError:
             return 0
+
+    def read_memory(self, pid: int, addr: int, size: int) -> bytes:
+        return _kernel.read_memory(pid, addr, size)
 
 
 class Tracer:

@@ -35,6 +35,8 @@ What is modelled, and where the rule comes from:
   (:meth:`Harness.settle` does): the tracer's requests in one engine call all land first,
   as on one CPU. ``eager=True`` lets it run at once, inside ``CONT``: the other outcome.
 * An untraced thread that takes a SIGTRAP dies of it (no handler): ``killed`` records it.
+* Memory is ``memory`` (address → byte) and reads as NOPs (0x90) elsewhere; addresses in
+  ``unmapped`` fail with ``EINVAL`` as ``/proc/PID/mem`` does.
 
 :class:`Harness` puts an engine on a fake kernel, records what the engine emits, and feeds
 the engine the wait statuses exactly as ``hwbkptd/_tracer.py`` does.
@@ -165,6 +167,8 @@ class FakeKernel:
         self.delivered: list[tuple[int, int]] = []  # (tid, signo) given to the program
         self.killed: dict[int, int] = {}  # pid -> the signal that killed the program
         self.handled: set[int] = set()  # signals the program has handlers for
+        self.memory: dict[int, int] = {}  # address -> byte (every process alike)
+        self.unmapped: set[int] = set()
         self._waitq: list[Report] = []
         self._tids = itertools.count(1000)
 
@@ -397,6 +401,12 @@ class FakeKernel:
         for sig in t.pending:
             mask |= 1 << (sig - 1)
         return mask
+
+    def read_memory(self, pid: int, addr: int, size: int) -> bytes:
+        self._live(pid)
+        if any(a in self.unmapped for a in range(addr, addr + size)):
+            raise InvalidArgumentError(f"read_memory({pid}, {addr:#x}, {size}): not mapped")
+        return bytes(self.memory.get(a, 0x90) for a in range(addr, addr + size))
 
     # ------------------------------------------------------------------ internals
 

@@ -14,6 +14,8 @@ import pytest
 
 from hwbkpt import Client, PermissionDeniedError
 from hwbkpt._cli import COMMANDS, Command, format_status, main
+from hwbkpt._events import Event
+from hwbkpt._watchcmd import _Printer, _record
 from tests._daemon import Daemon
 
 pytestmark = pytest.mark.timeout(60)
@@ -173,3 +175,24 @@ def test_request_permission_error_says_which_rule(
     err = capsys.readouterr().err
     assert "you may not trace pid 1" in err
     assert "ptrace" in err
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({}, "the watcher did not keep up"),
+        ({"where": "ring"}, "the kernel's sample ring overflowed"),
+        ({"where": "cpu", "tid": 7}, "DR6 was empty"),
+    ],
+)
+def test_watch_says_why_hits_were_lost(
+    fields: dict[str, object], why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    printer = _Printer(os.getpid(), None, 8, "w", as_json=False)  # type: ignore[arg-type]
+    record = _record(Event("lost", {"count": 3, "what": "hit", **fields}), set(), "w", printer)
+    assert record is not None
+    assert {k: record[k] for k in fields} == fields  # --json keeps where and tid
+    printer.line(record)
+    out = capsys.readouterr().out
+    assert "lost 3 hits (" in out
+    assert why in out

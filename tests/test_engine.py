@@ -23,7 +23,14 @@ from hypothesis.stateful import (
 
 from hwbkptd._alloc import CAPACITY, Want, choose
 from hwbkptd._model import Access, Mode, Spec
-from hwbkptd._records import EVENT_STOP, TOKEN_MAGIC, TRAP_PERF, SigInfo, ThreadState
+from hwbkptd._records import (
+    EVENT_STOP,
+    TOKEN_MAGIC,
+    TRAP_BRKPT,
+    TRAP_PERF,
+    SigInfo,
+    ThreadState,
+)
 from tests.fakes import SI_KERNEL, SI_USER, SIGTRAP, Harness, Report
 
 PID = 100
@@ -333,6 +340,45 @@ def test_our_trap_perf_is_suppressed_even_after_its_event_closed() -> None:
     assert h.kernel.calls[-1] == ("cont", tid, 0)
     assert h.kernel.delivered == []
     assert h.kernel.killed == {}
+
+
+def test_trap_with_empty_dr6_on_a_watched_thread_is_claimed_and_reported_lost() -> None:
+    """The kernel reports a debug exception whose DR6 came back empty as the program's
+    ``int1`` (TRAP_BRKPT, si_addr after the instruction). On a thread carrying our
+    breakpoints, with no 0xF1 before si_addr, it is a hit of ours: suppressed, and every
+    owner of a watch on that thread is told a hit may be missing."""
+    h, [tid] = setup(clients=3)
+    h.kernel.handled.add(SIGTRAP)
+    h.engine.watch(1, PID, X, Mode.COUNT)
+    h.engine.watch(2, PID, Y, Mode.NOTIFY)
+    h.take()
+    h.kernel.queue_signal(tid, SIGTRAP, SigInfo(TRAP_BRKPT, 0, addr=0x5000))
+    h.settle()
+    assert h.kernel.delivered == []
+    assert h.kernel.calls[-1] == ("cont", tid, 0)
+    lost = {"count": 1, "what": "hit", "where": "cpu", "tid": tid}
+    assert h.take(1) == [("lost", lost)]
+    assert h.take(2) == [("lost", lost)]
+    assert h.take(3) == []
+    assert h.engine.counters["empty_dr6_traps"] == 1
+    assert h.engine.counters["sigtraps_delivered"] == 0
+
+
+@pytest.mark.parametrize("case", ["own int1", "unreadable", "no breakpoint on the thread"])
+def test_trap_brkpt_that_may_be_the_programs_is_delivered(case: str) -> None:
+    h, [tid, other] = setup(2)
+    h.kernel.handled.add(SIGTRAP)
+    h.engine.watch(1, PID, X, Mode.COUNT, tid=other if case.startswith("no ") else None)
+    h.take()
+    if case == "own int1":
+        h.kernel.memory[0x4FFF] = 0xF1
+    elif case == "unreadable":
+        h.kernel.unmapped.add(0x4FFF)
+    h.kernel.queue_signal(tid, SIGTRAP, SigInfo(TRAP_BRKPT, 0, addr=0x5000))
+    h.settle()
+    assert h.kernel.delivered == [(tid, SIGTRAP)]
+    assert h.take() == []
+    assert h.engine.counters["empty_dr6_traps"] == 0
 
 
 def test_hit_of_ours_together_with_a_foreign_sigtrap_delivers_it_and_still_stops() -> None:

@@ -258,7 +258,8 @@ def test_execute_breakpoint_stops_before_and_rf_prevents_retrigger(
 
 
 def test_program_own_sigtraps_are_not_perf(target: Start, tracer: Tracer) -> None:
-    """int3 arrives as SI_KERNEL, raise() as SI_TKILL; delivered, the handler runs."""
+    """int3 arrives as SI_KERNEL, int1 as TRAP_BRKPT with si_addr just after its 0xF1 byte,
+    raise() as SI_TKILL; delivered, the handler runs."""
     proc = target("sigtrap", 2)
     k.seize(proc.pid)
     proc.go()
@@ -266,14 +267,18 @@ def test_program_own_sigtraps_are_not_perf(target: Start, tracer: Tracer) -> Non
     while True:
         _, ev = tracer.next(proc.pid)
         if isinstance(ev, k.SignalStop):
-            codes.append(k.getsiginfo(proc.pid).code)
+            info = k.getsiginfo(proc.pid)
+            codes.append(info.code)
+            if info.code == k.TRAP_BRKPT:
+                assert info.addr == k.getregs(proc.pid)["rip"]
+                assert k.read_memory(proc.pid, info.addr - 1, 1) == b"\xf1"
             k.cont(proc.pid, ev.signal)
         elif isinstance(ev, k.EventStop) and ev.event == k.PTRACE_EVENT_EXIT:
             break
         else:
             k.cont(proc.pid)
-    assert codes == [k.SI_KERNEL] * 2 + [-6] * 2  # SI_TKILL == -6
-    assert proc.line() == "done handled=4"
+    assert codes == [k.SI_KERNEL] * 2 + [k.TRAP_BRKPT] * 2 + [-6] * 2  # SI_TKILL == -6
+    assert proc.line() == "done handled=6"
     k.cont(proc.pid)
     assert tracer.stop(proc.pid) == k.Exited(0)
 

@@ -87,6 +87,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
+# Why hits were lost, by the ``lost`` event's ``where`` (proto/PROTOCOL.md).
+_LOST_WHY = {
+    "ring": "the kernel's sample ring overflowed",
+    "cpu": "a debug exception came without its cause: DR6 was empty",
+}
+
+
 class _Printer:
     def __init__(self, pid: int, target: Target, length: int, access: str, as_json: bool) -> None:
         self.pid = pid
@@ -113,7 +120,8 @@ class _Printer:
             if "old" in record:
                 text += f" old={record['old']:#x} new={record['new']:#x}"
         elif kind == "lost":
-            text = f"{stamp} lost {record['count']} hits (the watcher did not keep up)"
+            why = _LOST_WHY.get(record.get("where", ""), "the watcher did not keep up")
+            text = f"{stamp} lost {record['count']} hits ({why})"
         elif kind in ("exit", "exec"):
             text = (
                 f"{stamp} process {record['pid']} {'exited' if kind == 'exit' else 'called exec'}"
@@ -213,7 +221,11 @@ def _record(event: Event, ids: set[int], what: str, printer: _Printer) -> dict[s
             "watches": list(event.watches),
         }
     if event.kind == "lost":
-        return {"event": "lost", "wall": wall, "count": event.count}
+        record = {"event": "lost", "wall": wall, "count": event.count}
+        for name in ("where", "tid"):
+            if event.get(name) is not None:
+                record[name] = event.get(name)
+        return record
     if event.kind in ("exit", "exec"):
         return {"event": event.kind, "wall": wall, "pid": event.pid}
     return None

@@ -1,5 +1,6 @@
-/* sigtrap K: install a SIGTRAP handler that counts; after the gate execute K `int3`s and
- * K raise(SIGTRAP)s, writing `var` before each; print `done handled=<count>`. */
+/* sigtrap K: install a SIGTRAP handler that counts; after the gate execute K `int3`s, K
+ * `int1`s (icebp, byte 0xF1) and K raise(SIGTRAP)s, writing `var` before each; print
+ * `done handled=<count>`. */
 #include "common.h"
 #include <signal.h>
 
@@ -21,6 +22,10 @@ int main(int argc, char **argv)
 	for (long i = 0; i < k; i++) {
 		var = i;
 		__asm__ volatile("int3");
+	}
+	for (long i = 0; i < k; i++) {
+		var = i;
+		__asm__ volatile(".byte 0xf1"); /* int1: TRAP_BRKPT, si_addr after it */
 	}
 	for (long i = 0; i < k; i++) {
 		var = i;
