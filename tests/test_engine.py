@@ -364,6 +364,28 @@ def test_trap_with_empty_dr6_on_a_watched_thread_is_claimed_and_reported_lost() 
     assert h.engine.counters["sigtraps_delivered"] == 0
 
 
+def test_trap_with_empty_dr6_on_a_thread_with_one_slot_is_that_slots_hit() -> None:
+    """With one slot on the thread the hit can only be its own: stop, count and notify
+    watches sharing it get what a reported hit gives them (the kernel counted nothing)."""
+    h, [tid] = setup(clients=3)
+    stopper = h.engine.watch(1, PID, X, Mode.STOP)
+    counter = h.engine.watch(2, PID, X, Mode.COUNT)
+    notified = h.engine.watch(3, PID, X, Mode.NOTIFY)
+    h.take()
+    h.kernel.queue_signal(tid, SIGTRAP, SigInfo(TRAP_BRKPT, 0, addr=0x5000))
+    h.settle()
+    assert h.kernel.delivered == []
+    [stop] = stops(h, 1)
+    assert (stop["reason"], stop["watches"]) == ("watch", [stopper.id])
+    assert h.engine.count(2, counter.id) == 1
+    [(kind, fields)] = h.take(3)
+    assert (kind, fields["watches"], fields["tid"]) == ("hit", [notified.id], tid)
+    assert h.engine.counters["empty_dr6_traps"] == 1
+    h.engine.resume(1, tid)
+    h.settle()
+    assert h.kernel.calls[-1] == ("cont", tid, 0)
+
+
 @pytest.mark.parametrize("case", ["own int1", "unreadable", "no breakpoint on the thread"])
 def test_trap_brkpt_that_may_be_the_programs_is_delivered(case: str) -> None:
     h, [tid, other] = setup(2)
