@@ -171,12 +171,10 @@ class EngineBackend:
         handler = self._methods.get(method)
         if handler is None:
             raise NotFoundError(f"unknown method {method!r}; see proto/PROTOCOL.md for the list")
-        p = Params(method, params)
-        result = handler(client, p)
-        # Statuses that the request itself caused (e.g. a stop right after a resume) are
-        # picked up by the tracer loop on SIGCHLD; nothing to await here.
-        await trio.lowlevel.checkpoint()
-        return result
+        # Handlers do not block, so this does not yield: the reader yields between reads
+        # (Server._reader). Statuses that the call itself caused (e.g. a stop right after a
+        # resume) are picked up by the tracer loop on SIGCHLD.
+        return handler(client, Params(method, params))
 
     def status(self) -> dict[str, Any]:
         return {

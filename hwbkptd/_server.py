@@ -219,14 +219,31 @@ class Server:
                 )
 
     async def _reader(self, client: ClientHandle, stream: trio.SocketStream) -> None:
+        """Read and run what the client sends, in order.
+
+        The socket is read directly (it is non-blocking): a ``resume`` in a hit loop then
+        costs one wake-up of this task, where ``receive_some`` adds a scheduling round
+        after every read and the method call another. Fairness is kept by yielding once
+        after any read that did not have to wait, so a client that never stops sending
+        cannot starve the others.
+        """
         conn = client._conn
+        fd = stream.socket.fileno()
+        waited = True
         while True:
             try:
-                data = await stream.receive_some(_RECV_SIZE)
-            except trio.BrokenResourceError:
+                data = os.read(fd, _RECV_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+                continue
+            except OSError:  # ECONNRESET and the like: the peer is gone
                 return
             if not data:
                 return
+            if not waited:
+                await trio.lowlevel.checkpoint()
+            waited = False
             try:
                 conn.receive_data(data)
                 while (msg := conn.next_message()) is not None:
