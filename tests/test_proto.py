@@ -174,6 +174,8 @@ def test_bad_shapes_are_refused_with_a_clear_message(obj: object, expected: str)
         (b"\x94\x00\x01\xa1m\x91\x81\xa1x\xd6\xff\x00\x00\x00\x01", "Timestamp"),
         (b"\x94\x00\x01\xa1m\x91\x81\xa1x\xd5\xff\x00\x00", "timestamp"),
         (b"\x94\x00\x01\xa1m\x91\x81\xa1x\x81\xc0\x01", "map keys must be"),
+        (b"\x94\x00\x01\xa1m\x91\x81\xa1x\x92\x01\xd4\x05\x00", "ExtType"),  # in an array
+        (b"\xd6\xff\x00\x00\x00\x01", "Timestamp"),  # the whole message
     ],
 )
 def test_malformed_bytes(data: bytes, expected: str) -> None:

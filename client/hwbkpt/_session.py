@@ -49,6 +49,10 @@ DEFAULT_SOCKET = "/run/hwbkptd/hwbkptd.sock"
 #: Environment variable that overrides :data:`DEFAULT_SOCKET`.
 SOCKET_ENV = "HWBKPT_SOCKET"
 
+# How many encoded per-thread notifications a session remembers (Session.thread_notification);
+# past that it starts over, so a program with very many threads costs well under 1 MB.
+_MAX_THREAD_NOTIFICATIONS = 4096
+
 
 class DaemonUnavailableError(ConnectionLostError):
     """Could not connect to the daemon at all. ``socket`` is the path tried; the ``OSError``
@@ -105,6 +109,7 @@ class Session:
         self._watches: dict[int, WatchInfo] = {}
         self._lost: str | None = None
         self._disconnect_reason = ""
+        self._thread_notifications: dict[tuple[str, int], bytes] = {}
         #: the daemon's ``hello`` result, once :meth:`hello_done` has seen it
         self.server_info: dict[str, Any] = {}
 
@@ -128,6 +133,28 @@ class Session:
         if it fails (an ``error`` event). Raises like :meth:`request`."""
         self.check_alive()
         return self._conn.send(Notification(method, params))
+
+    def thread_notification(self, method: str, tid: int) -> bytes:
+        """``notification(method, {"tid": tid})``, encoded once per thread and method.
+
+        A hit loop resumes (or steps) the same few threads at every stop; building and
+        checking a :class:`Notification` and encoding it each time was a measurable share of
+        the client's CPU per stop. The bytes depend on nothing but the two arguments.
+        Raises like :meth:`notification`.
+        """
+        if type(tid) is not int:
+            # Only exact ints are remembered: True == 1 (same key) but encodes differently,
+            # and an unhashable value must fail the way notification() fails.
+            return self.notification(method, {"tid": tid})
+        self.check_alive()
+        key = (method, tid)
+        data = self._thread_notifications.get(key)
+        if data is None:
+            data = self.notification(method, {"tid": tid})
+            if len(self._thread_notifications) >= _MAX_THREAD_NOTIFICATIONS:
+                self._thread_notifications.clear()
+            self._thread_notifications[key] = data
+        return data
 
     def hello_params(self, name: str | None) -> dict[str, Any]:
         """The params of the ``hello`` every connection starts with."""

@@ -47,9 +47,12 @@ Limits, and who enforces each
 * ``max_depth``: us, on the decoded object, in :func:`_check_value`. The unpacker has a
   fixed internal stack (1024 levels in msgpack 1.x) and raises ``StackError`` beyond it;
   that too becomes a :class:`ProtocolError`. Nesting cannot cost more than the bytes
-  that spell it (one byte per level), so checking after decoding is safe.
-* value types: :func:`_check_value` also refuses msgpack ``ext`` values (including the
-  timestamp extension) and map keys that are not str, int or bytes.
+  that spell it (one byte per level), so checking after decoding is safe. A message of
+  at most ``max_depth`` arrays and maps cannot nest deeper, so the walk is skipped for
+  it: that is every message of a hit loop, where the walk cost more than the decoding.
+* value types: msgpack ``ext`` values (including the timestamp extension) and map keys
+  that are not str, int or bytes are refused as each container completes (the same
+  hooks), and for a message that is not a container, after decoding.
 
 Errors
 ------
@@ -64,8 +67,8 @@ request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, TypeVar
 
 import msgpack
 
@@ -116,6 +119,18 @@ def _decoding_error(err: BaseException) -> ProtocolError:
 _CONTAINERS = frozenset({list, dict})
 _VALUE_TYPES = frozenset({type(None), bool, int, float, str, bytes, list, dict})
 _KEY_TYPES = frozenset({str, int, bytes})
+_VALUE_NAMES = frozenset(t.__name__ for t in _VALUE_TYPES)
+_KEY_NAMES = frozenset(t.__name__ for t in _KEY_TYPES)
+
+
+def _refuse_values(values: Iterable[object]) -> NoReturn:
+    names = ", ".join(sorted({type(v).__name__ for v in values} - _VALUE_NAMES))
+    raise ProtocolError(f"msgpack {names} values are not part of the protocol")
+
+
+def _refuse_keys(keys: Iterable[object]) -> NoReturn:
+    names = ", ".join(sorted({type(k).__name__ for k in keys} - _KEY_NAMES))
+    raise ProtocolError(f"map keys must be strings, integers or bytes, got {names}")
 
 
 def _check_value(obj: object, max_depth: int) -> None:
@@ -170,15 +185,22 @@ class Connection:
         self._pending = bytearray()  # received, not yet fed to the unpacker
         self._fed = 0  # bytes fed to the unpacker so far
         self._start = 0  # stream offset where the current message begins
-        self._ready: list[object] = []  # at most one decoded object parsed ahead
+        # At most one decoded object parsed ahead, with the number of arrays and maps in it.
+        self._ready: list[tuple[object, int]] = []
         self._failure: ProtocolError | None = None
 
     def _count_array(self, value: list[Any]) -> list[Any]:
         self._count_container()
+        if not set(map(type, value)) <= _VALUE_TYPES:
+            _refuse_values(value)
         return value
 
     def _count_map(self, value: dict[Any, Any]) -> dict[Any, Any]:
         self._count_container()
+        if not set(map(type, value)) <= _KEY_TYPES:
+            _refuse_keys(value)
+        if not set(map(type, value.values())) <= _VALUE_TYPES:
+            _refuse_values(value.values())
         return value
 
     def _count_container(self) -> None:
@@ -220,15 +242,19 @@ class Connection:
             self._guarded(self._parse_ahead)
             if not self._ready:
                 return None
-        obj = self._ready.pop()
+        obj, containers = self._ready.pop()
         try:
-            return self._to_message(obj)
+            return self._to_message(obj, containers)
         except ProtocolError as err:
             self._fail(err)
             raise
 
-    def _to_message(self, obj: object) -> Message:
-        _check_value(obj, self.limits.max_depth)
+    def _to_message(self, obj: object, containers: int) -> Message:
+        # Container contents were type-checked as each completed (_count_array/_count_map).
+        if containers > self.limits.max_depth:
+            _check_value(obj, self.limits.max_depth)
+        elif type(obj) not in _VALUE_TYPES:
+            _refuse_values((obj,))
         return from_wire(obj)
 
     def _parse_ahead(self) -> None:
@@ -262,8 +288,8 @@ class Connection:
             except _DECODE_FAILURES as err:
                 raise _decoding_error(err) from err
             self._start = unpacker.tell()
+            self._ready.append((obj, self._containers))
             self._containers = 0
-            self._ready.append(obj)
             return
 
     def _guarded(self, action: Callable[[], _T]) -> _T:
