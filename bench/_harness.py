@@ -322,12 +322,16 @@ class Bench:
                                         "two_clients_ratio_max": 1.6}}
         for place, pin in (("unpinned", None), ("cpu0", "0")):
             base = statistics.median(self.baseline(pin))
-            ref: dict[str, list[float]] = {"noclient": [], "client": [], "client2": []}
+            ref: dict[str, list[float]] = {"noclient": [], "client": [], "client2": [],
+                                           "py_raw": [], "py_trio": []}
             for _ in range(self.s.runs):
                 for mode in ref:
-                    ns, res = gated_run(n, self._stop_ref_side(mode, pin), pin, 120)
+                    side = (self._floor_side(mode[3:], pin) if mode.startswith("py_")
+                            else self._stop_ref_side(mode, pin))
+                    ns, res = gated_run(n, side, pin, 120)
                     if int(res[0][0]) != n:
-                        raise BenchError(f"stop_ref {mode} saw {res[0][0]} stops, not {n}")
+                        raise BenchError(f"stop reference {mode} saw {res[0][0]} stops, "
+                                         f"not {n}")
                     ref[mode].append(ns - base)
             reff = {f"{m}_per_hit_ns": fig(v, "ns") for m, v in ref.items()}
             dmn: dict[str, Any] = {}
@@ -342,7 +346,13 @@ class Bench:
                 "reference": reff, "daemon": dmn,
                 "ratio": {"one_client_vs_c_client": ratio(one, reff["client_per_hit_ns"]),
                           "two_clients_vs_c_client": ratio(two, reff["client_per_hit_ns"]),
-                          "two_clients_vs_c_client2": ratio(two, reff["client2_per_hit_ns"])}}
+                          "two_clients_vs_c_client2": ratio(two, reff["client2_per_hit_ns"]),
+                          "one_client_vs_py_raw": ratio(one, reff["py_raw_per_hit_ns"]),
+                          "one_client_vs_py_trio": ratio(one, reff["py_trio_per_hit_ns"]),
+                          "py_raw_vs_c_client": ratio(reff["py_raw_per_hit_ns"],
+                                                      reff["client_per_hit_ns"]),
+                          "py_trio_vs_c_client": ratio(reff["py_trio_per_hit_ns"],
+                                                       reff["client_per_hit_ns"])}}
         return out
 
     @staticmethod
@@ -350,6 +360,14 @@ class Bench:
         def sides(pid: int, addr: int) -> list[Side]:
             return [(Proc([str(build("stop_ref")), mode, str(pid), hex(addr)],
                           name=f"stop_ref {mode}", pin=pin), "stops", True)]
+        return sides
+
+    @staticmethod
+    def _floor_side(mode: str, pin: str | None) -> Callable[[int, int], list[Side]]:
+        """bench/_floor.py: the C client architecture in plain Python (epoll or trio)."""
+        def sides(pid: int, addr: int) -> list[Side]:
+            return [(Proc([PY, "-m", "bench._floor", mode, str(pid), hex(addr)],
+                          name=f"python floor ({mode})", pin=pin), "stops", True)]
         return sides
 
     def _daemon_stop(self, n: int, k: int, pin: str | None) -> float:
@@ -596,6 +614,10 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                 yield name, f"{place}: 2 clients", r["client2_per_hit_ns"], \
                     d["clients2_per_hit_ns"], q["two_clients_vs_c_client"], \
                     "<= 1.6x vs C 1-client"
+                for m, label in (("py_raw", "epoll"), ("py_trio", "trio")):
+                    yield name, f"{place}: 1 client vs Python floor ({label})", \
+                        r[f"{m}_per_hit_ns"], d["clients1_per_hit_ns"], \
+                        q[f"one_client_vs_{m}"], ""
         elif name == "rpc":
             for k, p in s["by_clients"].items():
                 for m, label in (("round_trips_per_s", "watch+unwatch/s"),

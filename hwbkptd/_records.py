@@ -10,7 +10,7 @@ import enum
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from hwbkptd._model import Mode, Spec
 
@@ -59,9 +59,8 @@ SIGTRAP = int(signal.SIGTRAP)
 SIGTRAP_BIT = 1 << (SIGTRAP - 1)
 
 
-@dataclass(frozen=True, slots=True)
-class SigInfo:
-    """What the engine needs of a SIGTRAP's siginfo."""
+class SigInfo(NamedTuple):
+    """What the engine needs of a SIGTRAP's siginfo (a named tuple: one per stop)."""
 
     code: int
     perf_data: int

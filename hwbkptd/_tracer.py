@@ -120,7 +120,7 @@ class KernelPort:
 
     def siginfo(self, tid: int) -> SigInfo:
         info = _kernel.getsiginfo(tid)
-        return SigInfo(code=info.code, perf_data=info.perf_data, addr=info.addr)
+        return SigInfo(info.code, info.perf_data, info.addr)
 
     def eventmsg(self, tid: int) -> int:
         return _kernel.geteventmsg(tid)
