@@ -14,6 +14,13 @@ Responses are never dropped. Events are bounded per client (``max_queued_events`
 counted and dropped, and the client gets a ``lost`` event with the count as soon as it reads
 again; an event that must not be lost (``stop``) finding the queue full disconnects the
 client, whose holds the backend then releases (DESIGN.md §7).
+
+Reading is here too (:meth:`ClientHandle.read_some`): one non-blocking read of the socket,
+handed to the server's handler. The connection's reader task calls it when trio says the
+socket is readable, and so does the tracer's hot loop (hwbkptd/_tracer.py) while a
+stop-mode hit loop runs, so a client's ``resume`` is served without a trio task switch.
+Both run in the main thread and never hold bytes across a yield, so messages are handled
+in the order they were sent, whoever reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +44,8 @@ log = logging.getLogger("hwbkptd.server")
 
 #: How long a client we are disconnecting gets to take its last message.
 _DISCONNECT_GRACE = 1.0
+#: Bytes read from a client at a time.
+_RECV_SIZE = 65536
 
 
 @dataclass
@@ -92,6 +102,9 @@ class ClientHandle:
         self._lost = 0
         self._wakeup = trio.lowlevel.ParkingLot()
         self._fd = -1  # the connection's socket, once the server has it (for direct writes)
+        # What to do with bytes read (the server's message handler); False stops reading.
+        self._on_data: Callable[[bytes], bool] = lambda data: True
+        self.reading = True  # False after a protocol error: what follows is not read
         self._writing = False  # the writer task has a batch in flight
         self._corked = False  # hold writes until uncork() (a batch of hits is being made)
         self.events_sent = 0
@@ -217,6 +230,32 @@ class ClientHandle:
         self._out.append(data[sent:])
         self._queued_events += events
         self._wakeup.unpark_all()
+
+    def read_some(self) -> bool | None:
+        """Read what the socket holds now (never blocks) and have it handled.
+
+        Returns ``True`` if bytes were read and handled, ``False`` if there were none yet,
+        ``None`` if this connection is not to be read any more: the peer hung up (or the
+        socket failed), or reading stopped after a protocol error. A handler that fails
+        (a daemon bug) disconnects this client only.
+        """
+        if not self.reading or self._fd < 0:
+            return None
+        try:
+            data = os.read(self._fd, _RECV_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError:  # ECONNRESET and the like: the peer is gone
+            return None
+        if not data:
+            return None
+        try:
+            self.reading = self._on_data(data)
+        except Exception:
+            log.exception("%r: handling what it sent failed", self)
+            self.reading = False
+            self.disconnect("the daemon failed handling what this client sent (a bug; see its log)")
+        return True if self.reading else None
 
     def cork(self) -> None:
         """Hold what is sent from now on until :meth:`uncork`, to write it as one batch."""

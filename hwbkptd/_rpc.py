@@ -135,6 +135,7 @@ class EngineBackend:
         self.rawdr = RawDebugRegisters(self.engine)
         self._clients: dict[int, ClientHandle] = {}
         self._peers: dict[int, Peer] = {}
+        self._fds: dict[int, int] = {}  # client id -> its socket, read by the tracer's hot loop
         self._methods: dict[str, Handler] = {
             "watch": self._watch,
             "watch_region": self._watch_region,
@@ -160,26 +161,31 @@ class EngineBackend:
         self._clients[client.id] = client
         self._peers[client.id] = Peer.of(client.pid, client.uid, client.gid)
         self.engine.add_client(client.id)
+        self._fds[client.id] = client._fd
+        self.tracer.add_reader(client._fd, client.read_some)
 
     def client_disconnected(self, client: ClientHandle) -> None:
+        fd = self._fds.pop(client.id, -1)
+        if fd >= 0:
+            self.tracer.remove_reader(fd)
         self._clients.pop(client.id, None)
         self._peers.pop(client.id, None)
         self.rawdr.remove_client(client.id)
         self.engine.remove_client(client.id)
 
-    async def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
+    def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
         handler = self._methods.get(method)
         if handler is None:
             raise NotFoundError(f"unknown method {method!r}; see proto/PROTOCOL.md for the list")
-        # Handlers do not block, so this does not yield: the reader yields between reads
-        # (Server._reader). Statuses that the call itself caused (e.g. a stop right after a
-        # resume) are picked up by the tracer loop on SIGCHLD.
+        # Handlers do not block. Statuses that the call itself caused (e.g. a stop right
+        # after a resume) are picked up by the tracer loop on SIGCHLD.
         return handler(client, Params(method, params))
 
     def status(self) -> dict[str, Any]:
         return {
             "targets": self.engine.status(),
-            "counters": dict(self.engine.counters) | {"sigchld_wakeups": self.tracer.wakeups},
+            "counters": dict(self.engine.counters)
+            | {"sigchld_wakeups": self.tracer.wakeups, "hot_rounds": self.tracer.hot_rounds},
             "clients": {
                 cid: {"watches": self.engine.client_watch_count(cid)} for cid in self._clients
             },

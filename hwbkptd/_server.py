@@ -9,9 +9,11 @@ calls from the trio main thread.
 
 Each connection runs in its own nursery with two tasks: the **reader** feeds bytes to a
 sans-I/O :class:`hwbkpt_proto.Connection` and handles the requests it yields *one at a
-time, in order* (a client's next request is not read before the previous one is answered:
-this keeps the engine free of per-client concurrency and gives natural back-pressure;
-different clients run concurrently); the **writer** sends what the client's
+time, in order*, synchronously (no handler blocks: a client's next request is not read
+before the previous one is answered, which keeps the engine free of per-client
+concurrency and gives natural back-pressure; different clients run concurrently). While a
+stop-mode hit loop runs, the tracer's hot loop reads the socket instead, through the same
+:meth:`~hwbkptd._client.ClientHandle.read_some`. The **writer** sends what the client's
 :class:`~hwbkptd._client.ClientHandle` could not write at once (see that module for
 ordering, batching and the per-client event limit). A request sent as a notification is
 run the same way, without a response; only its failure comes back, as an ``error`` event.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import importlib
 import logging
@@ -102,9 +105,10 @@ class Backend(Protocol):
         """The client is gone: release what it owns. Called exactly once per client,
         possibly after :meth:`shutdown`."""
 
-    async def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
+    def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
         """Run one request; raise a :class:`HwbkptError` subclass to fail it
-        (:class:`NotFoundError` for an unknown method)."""
+        (:class:`NotFoundError` for an unknown method). It must not block: it is called
+        from the connection's reader task and from the tracer's hot loop alike."""
 
     def status(self) -> dict[str, Any]:
         """Merged into the ``status`` result. ``counters`` is merged into the server's
@@ -163,6 +167,7 @@ class Server:
                 )
                 client._server_counters = self.counters
                 client._fd = stream.socket.fileno()
+                client._on_data = functools.partial(self._handle_data, client)
                 self.clients[client_id] = client
                 self.counters.clients_total += 1
                 log.info("%r connected", client)
@@ -170,7 +175,7 @@ class Server:
                     self.backend.client_connected(client)
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(client._writer, stream)
-                        await self._reader(client, stream)
+                        await self._reader(client)
                         # The peer hung up: the writer has no one left to write to.
                         nursery.cancel_scope.cancel()
                 except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
@@ -218,47 +223,49 @@ class Server:
                     )
                 )
 
-    async def _reader(self, client: ClientHandle, stream: trio.SocketStream) -> None:
-        """Read and run what the client sends, in order.
+    async def _reader(self, client: ClientHandle) -> None:
+        """Read and run what the client sends, in order (:meth:`ClientHandle.read_some`).
 
-        The socket is read directly (it is non-blocking): a ``resume`` in a hit loop then
-        costs one wake-up of this task, where ``receive_some`` adds a scheduling round
-        after every read and the method call another. Fairness is kept by yielding once
-        after any read that did not have to wait, so a client that never stops sending
-        cannot starve the others.
+        Reading the socket directly (it is non-blocking) makes a ``resume`` in a hit loop
+        cost one wake-up of this task, where ``receive_some`` added a scheduling round
+        after every read. Fairness: after a read that did not have to wait this task
+        yields once, so a client that never stops sending cannot starve the others.
         """
-        conn = client._conn
-        fd = stream.socket.fileno()
         waited = True
         while True:
-            try:
-                data = os.read(fd, _RECV_SIZE)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
+            got = client.read_some()
+            if got is None:
+                if client.reading:
+                    return  # the peer hung up
+                # A protocol error: stop reading; the writer flushes the error and hangs up.
+                await trio.sleep_forever()
+            if not got:
+                await trio.lowlevel.wait_readable(client._fd)
                 waited = True
                 continue
-            except OSError:  # ECONNRESET and the like: the peer is gone
-                return
-            if not data:
-                return
             if not waited:
                 await trio.lowlevel.checkpoint()
             waited = False
-            try:
-                conn.receive_data(data)
-                while (msg := conn.next_message()) is not None:
-                    if isinstance(msg, Request):
-                        await self._answer(client, msg)
-                    elif isinstance(msg, Notification):
-                        await self._call_without_reply(client, msg)
-                    else:
-                        log.debug("%r sent a response (msgid %d); ignored", client, msg.msgid)
-            except ProtocolError as err:
-                self.counters.errors += 1
-                log.warning("%r: protocol error, closing: %s", client, err.message)
-                client.disconnect(f"protocol error: {err.message}", code=err.code)
-                # Stop reading; the writer flushes the error and ends the connection.
-                await trio.sleep_forever()
+
+    def _handle_data(self, client: ClientHandle, data: bytes) -> bool:
+        """Run every complete message in ``data`` (and what came before); ``False`` after
+        a protocol error, when the connection must not be read any more."""
+        conn = client._conn
+        try:
+            conn.receive_data(data)
+            while (msg := conn.next_message()) is not None:
+                if isinstance(msg, Request):
+                    self._answer(client, msg)
+                elif isinstance(msg, Notification):
+                    self._call_without_reply(client, msg)
+                else:
+                    log.debug("%r sent a response (msgid %d); ignored", client, msg.msgid)
+        except ProtocolError as err:
+            self.counters.errors += 1
+            log.warning("%r: protocol error, closing: %s", client, err.message)
+            client.disconnect(f"protocol error: {err.message}", code=err.code)
+            return False
+        return True
 
     async def stop_watchdog(self) -> None:
         """Disconnect every client that has not taken a ``stop`` event within
@@ -279,11 +286,11 @@ class Server:
 
     # -- requests -----------------------------------------------------------------------
 
-    async def _answer(self, client: ClientHandle, request: Request) -> None:
+    def _answer(self, client: ClientHandle, request: Request) -> None:
         """Run one request and queue its response: the one place errors become responses."""
         response: Response
         try:
-            result = await self._run(client, request.method, request.params)
+            result = self._run(client, request.method, request.params)
         except HwbkptError as err:
             response = response_for_error(request.msgid, err)
         else:
@@ -300,12 +307,12 @@ class Server:
         self.counters.errors += 1
         client._queue_response(response)
 
-    async def _call_without_reply(self, client: ClientHandle, call: Notification) -> None:
+    def _call_without_reply(self, client: ClientHandle, call: Notification) -> None:
         """A notification from a client is a call nobody waits for (e.g. ``resume`` in a
         hit loop): no response is sent, and only a failure comes back, as an ``error``
         event naming the method."""
         try:
-            await self._run(client, call.method, call.params)
+            self._run(client, call.method, call.params)
         except HwbkptError as err:
             self.counters.errors += 1
             client.send_event(
@@ -314,12 +321,12 @@ class Server:
                 droppable=False,
             )
 
-    async def _run(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
+    def _run(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
         """Run one call; the one place where any failure becomes a :class:`HwbkptError`
         (anything else is a daemon bug: ``EINTERNAL``, with the traceback logged)."""
         self.counters.requests += 1
         try:
-            return await self._dispatch(client, method, params)
+            return self._dispatch(client, method, params)
         except HwbkptError as err:
             log.debug("%r %s failed: %s %s", client, method, err.code, err.message)
             raise
@@ -330,19 +337,17 @@ class Server:
                 "this is a bug, the daemon's log has the traceback"
             ) from err
 
-    async def _dispatch(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
+    def _dispatch(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
         if method == "hello":
             return self._hello(client, params)
         if client.name is None:
             raise ProtocolError(f"the first request must be 'hello', not {method!r}")
         if method == "status":
-            await trio.lowlevel.checkpoint()
             return self.status()
         if method == "ping":
             # A round trip that touches nothing: liveness checks, latency, tests.
-            await trio.lowlevel.checkpoint()
             return params.get("data")
-        return await self.backend.call(client, method, params)
+        return self.backend.call(client, method, params)
 
     def _hello(self, client: ClientHandle, params: dict[str, Any]) -> dict[str, Any]:
         if client.name is not None:

@@ -13,6 +13,18 @@ polled: the loop sleeps until
 * a periodic tick: rings below their wake-up mark are flushed, and specs the kernel refused
   with ENOSPC are retried (capacity held by other perf or ptrace users may have come back).
 
+*Hot loop.* trio's scheduler costs more than anything else on the path of a stop: a
+stop-mode hit loop is two wake-ups per hit (SIGCHLD, then the client's ``resume``), and
+each trio wake-up cost ~30 µs here (bench/_floor.py measures it). So after a round that
+reported a stop the tracer keeps going in :meth:`Tracer._hot_loop`: it waits on its own
+epoll set — SIGCHLD, the notify rings and every client socket — and handles whatever is
+ready in place: statuses, ring samples, and client messages through the same
+``ClientHandle.read_some`` the connection's reader task uses (so order holds: all of it
+runs in this one thread and no bytes are held across a yield). It gives trio back its turn
+when nothing came within ``HOT_WAIT`` or after ``HOT_BUDGET``, so new connections, timers
+and writers of full sockets wait at most that long. It waits in ``epoll_wait``; it never
+spins.
+
 :class:`KernelPort` is the engine's view of the kernel layer; it adds what is policy rather
 than syscall (e.g. explaining an ``EPERM`` from ``PTRACE_SEIZE`` as "already traced by …").
 """
@@ -44,6 +56,11 @@ RETRY_BUSY = 1.0  # seconds between retries of specs the kernel refused
 # Notify rings wake the loop every this many samples (a quarter of the 2047 a ring holds);
 # fewer are flushed by the TICK, so a lone hit is reported within TICK seconds.
 NOTIFY_WAKEUP = 512
+# The hot loop (module docstring): how long it waits for the next event before handing
+# back to trio, and the longest it keeps trio's other tasks (new connections, timers,
+# the writers of full sockets) waiting.
+HOT_WAIT = 0.001
+HOT_BUDGET = 0.005
 
 
 def _comm(pid: int) -> str:
@@ -171,6 +188,26 @@ class Tracer:
         self.port = port
         self.batch = batch
         self.wakeups = 0
+        self.hot_rounds = 0  # rounds served by the hot loop, without trio (status counter)
+        # The hot loop's own epoll set: SIGCHLD, the notify rings, every client socket.
+        self._hot = select.epoll()
+        self._hot.register(port.epoll.fileno(), select.EPOLLIN)
+        self._readers: dict[int, Callable[[], bool | None]] = {}
+        self._sigfd = -1
+
+    def add_reader(self, fd: int, read: Callable[[], bool | None]) -> None:
+        """Let the hot loop serve client socket ``fd``: ``read()`` reads and handles what
+        it holds (``ClientHandle.read_some``: ``None`` means "do not read it again")."""
+        self._readers[fd] = read
+        try:
+            self._hot.register(fd, select.EPOLLIN)
+        except FileExistsError:  # a closed socket's number, reused before it was removed
+            self._hot.modify(fd, select.EPOLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._hot.unregister(fd)
 
     def drain_waits(self) -> None:
         """Hand every pending wait status to the engine."""
@@ -225,9 +262,14 @@ class Tracer:
                 nursery.start_soon(self._rings)
                 nursery.start_soon(self._ticks)
                 task_status.started()
+                self._sigfd = signals.fd
+                self._hot.register(signals.fd, select.EPOLLIN)
                 while True:
+                    stops = self.engine.counters["stops_reported"]
                     with self.batch():
                         self.drain_waits()
+                    if self.engine.counters["stops_reported"] != stops:
+                        self._hot_loop(signals)
                     await trio.lowlevel.wait_readable(signals.fd)
                     # Drain the signals first, then waitpid: a SIGCHLD that comes after
                     # makes the fd readable again, so no status is ever left waiting.
@@ -235,6 +277,36 @@ class Tracer:
                     self.wakeups += 1
         finally:
             signals.close()
+
+    def _hot_loop(self, signals: _kernel.ChildSignals) -> None:
+        """Serve a stop-mode hit loop without trio's scheduler (module docstring, "Hot loop").
+
+        Waits on the hot epoll set (SIGCHLD, rings, client sockets) and handles whatever
+        is ready in place, for as long as something comes within HOT_WAIT, but no longer
+        than HOT_BUDGET in all; then trio's other tasks get their turn.
+        """
+        poll = self._hot.poll
+        deadline = time.monotonic() + HOT_BUDGET
+        ring_fd = self.port.epoll.fileno()
+        while True:
+            ready = poll(HOT_WAIT)
+            if not ready:
+                return
+            with self.batch():
+                for fd, _ in ready:
+                    if fd == self._sigfd:
+                        signals.drain()
+                        self.drain_waits()
+                    elif fd == ring_fd:
+                        self.drain_rings([f for f, _ in self.port.epoll.poll(0)])
+                    else:
+                        read = self._readers.get(fd)
+                        if read is not None and read() is None:
+                            # Hung up or not to be read: its reader task finds out.
+                            self.remove_reader(fd)
+            self.hot_rounds += 1
+            if time.monotonic() >= deadline:
+                return
 
     async def _rings(self) -> None:
         epoll = self.port.epoll

@@ -147,8 +147,7 @@ class ScriptedBackend:
         while not set(client_ids) <= set(self.disconnected):
             await self.changed.wait()
 
-    async def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
-        await trio.lowlevel.checkpoint()
+    def call(self, client: ClientHandle, method: str, params: dict[str, Any]) -> Any:
         if method == "emit":
             # As the engine backend does for what one wake-up produces: cork, queue, uncork.
             sent = 0
