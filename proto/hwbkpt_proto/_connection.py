@@ -259,6 +259,8 @@ class Connection:
 
     def _parse_ahead(self) -> None:
         """Decode at most one object into ``_ready``, feeding only what the limit allows."""
+        if not self._pending and self._fed == self._start:
+            return  # every byte fed so far is decoded: no OutOfData round (per message)
         unpacker = self._unpacker
         while True:
             if self._pending:
