@@ -125,6 +125,11 @@ def threads(p: Params) -> None:
             w = c.watch(p["pid"], p["addr"], length=8, access="w", mode="count")
             t1 = time.perf_counter_ns()
             w.remove()
+            # remove() returns once the watch is gone; the daemon then detaches from the
+            # 1,000 threads as each reaches a stop. The C reference detaches before it
+            # reports, and the next install would wait for this one's detach: time it too.
+            while any(t["pid"] == p["pid"] for t in c.status()["targets"]):
+                time.sleep(0.001)
             rem.append(time.perf_counter_ns() - t1)
             ins.append(t1 - t0)
         w = c.watch(p["pid"], p["addr"], length=8, access="w", mode="count")

@@ -643,6 +643,8 @@ class Engine(StopHandling):
             return None
         slot = SlotRec(spec=spec, handle=handle, mode=mode, token=token)
         thread.slots[spec] = slot
+        if mode is Mode.STOP:
+            thread.may_trap = True
         self._tokens[token] = (thread, slot)
         self.counters["slots_opened"] += 1
         return slot

@@ -172,6 +172,9 @@ class ThreadRec:
     step_requesters: set[int] = field(default_factory=set)
     stepping: set[int] = field(default_factory=set)  # clients to tell of the step's trap
     step_in_flight: bool = False  # the last resume was a PTRACE_SINGLESTEP
+    # A SIGTRAP of ours may be queued for it: it has had a stop-mode slot or was stepped
+    # (count and notify events never raise one), so detaching must check for one first.
+    may_trap: bool = False
     interrupt_requesters: set[int] = field(default_factory=set)
     interrupt_sent: bool = False
     reopen: bool = False  # slots wait to be reopened in another mode at the next stop

@@ -473,7 +473,7 @@ class StopHandling:
                 thread.stepping,
             )
             if stepping:
-                thread.step_in_flight = True
+                thread.step_in_flight = thread.may_trap = True
                 self._port.singlestep(tid, sig)
             else:
                 self._port.cont(tid, sig)
@@ -596,7 +596,7 @@ class StopHandling:
 
     def _detach_stopped(self, thread: ThreadRec, sig: int) -> None:
         """Detach a stopped thread, unless a SIGTRAP of ours is still queued for it."""
-        if sig == 0 and self._port.pending_signals(thread.tid) & SIGTRAP_BIT:
+        if sig == 0 and thread.may_trap and self._port.pending_signals(thread.tid) & SIGTRAP_BIT:
             # Let it take the queued trap while still traced: it stops at once in its
             # signal-delivery-stop, where _on_sigtrap suppresses it and detaches. (No
             # PTRACE_INTERRUPT as well: a trap stop is checked before signals are dequeued,

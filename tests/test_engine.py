@@ -513,6 +513,21 @@ def test_detach_swallows_pending_sigtrap_when_the_interrupt_lands_first() -> Non
     assert h.kernel.traced() == []
 
 
+def test_detach_of_a_count_thread_leaves_a_foreign_pending_sigtrap_to_the_program() -> None:
+    """Count and notify events raise no SIGTRAP, so a thread that only had those is
+    detached at once (no look at its pending signals), and a SIGTRAP someone sent it
+    reaches the program."""
+    h, [tid] = setup(eager=True)
+    h.kernel.handled.add(SIGTRAP)
+    w = h.engine.watch(1, PID, X, Mode.COUNT)
+    h.kernel.queue_signal(tid, SIGTRAP, SigInfo(SI_USER, 0), now=False)
+    h.engine.unwatch(1, w.id)
+    h.settle()
+    assert h.kernel.traced() == []
+    assert h.kernel.delivered == [(tid, SIGTRAP)]
+    assert h.kernel.killed == {}
+
+
 # ====================================================================== threads, exec, exit
 
 
