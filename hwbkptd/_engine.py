@@ -643,6 +643,7 @@ class Engine(StopHandling):
             return None
         slot = SlotRec(spec=spec, handle=handle, mode=mode, token=token)
         thread.slots[spec] = slot
+        thread.had_slots = True
         if mode is Mode.STOP:
             thread.may_trap = True
         self._tokens[token] = (thread, slot)

@@ -175,6 +175,7 @@ class ThreadRec:
     # A SIGTRAP of ours may be queued for it: it has had a stop-mode slot or was stepped
     # (count and notify events never raise one), so detaching must check for one first.
     may_trap: bool = False
+    had_slots: bool = False  # ever had a breakpoint of ours (see _stops._empty_dr6_trap)
     interrupt_requesters: set[int] = field(default_factory=set)
     interrupt_sent: bool = False
     reopen: bool = False  # slots wait to be reopened in another mode at the next stop

@@ -10,9 +10,9 @@ Theory of operation
 step the daemon requested. Those are suppressed. Anything else — ``kill``, the program's
 own ``int3``, a trap flag it set itself — is delivered unchanged when the thread resumes,
 even if the same stop also carried hits of ours. One exception: a ``TRAP_BRKPT`` trap on a
-thread carrying our breakpoints, with no step of ours in flight and not following the
-program's own ``int1`` (byte 0xF1), is a debug exception whose DR6 came back empty — the
-kernel reports those as ``int1`` — which happens under virtualisation (Firecracker here:
+thread that carries (or carried) our breakpoints, with no step of ours in flight and not
+following the program's own ``int1`` (byte 0xF1), is a debug exception whose DR6 came back
+empty — the kernel reports those as ``int1`` — which happens under virtualisation (here:
 about once in 20,000 stops while the guest was busy; ``si_addr`` was right after the
 watched store). It is our breakpoint's (nothing else on the thread raises debug
 exceptions), so it is suppressed; the kernel did not count it, so with one slot on the
@@ -258,7 +258,7 @@ class StopHandling:
         claimed = ours or step_done
         # A hit without DR6 that the kernel neither counted nor sampled: credited here.
         uncounted: Spec | None = None
-        if not claimed and info.code == TRAP_BRKPT and thread.slots:
+        if not claimed and info.code == TRAP_BRKPT and thread.had_slots:
             claimed = self._empty_dr6_trap(thread, info.addr)
             if claimed and len(thread.slots) == 1:
                 (uncounted,) = thread.slots
@@ -423,7 +423,9 @@ class StopHandling:
         counted nor sampled the hit, nor raised the breakpoint's own SIGTRAP. With one slot
         on the thread the hit can only be that slot's (the caller credits it); with more,
         nobody knows which fired, and every owner of a watch on the thread is told a hit
-        may be lost."""
+        may be lost. A thread whose slots were all closed meanwhile (the trap was already
+        on its way) still has it suppressed: it had our breakpoints, and nothing else on
+        it raises debug exceptions."""
         try:
             own_int1 = self._port.read_memory(thread.pid, after - 1, 1) == b"\xf1"
         except HwbkptError:

@@ -386,6 +386,21 @@ def test_trap_with_empty_dr6_on_a_thread_with_one_slot_is_that_slots_hit() -> No
     assert h.kernel.calls[-1] == ("cont", tid, 0)
 
 
+def test_trap_with_empty_dr6_after_the_threads_slots_closed_is_still_ours() -> None:
+    """The trap was on its way when the watch went: the thread had our breakpoints."""
+    h, [tid, other] = setup(2)
+    h.kernel.handled.add(SIGTRAP)
+    w = h.engine.watch(1, PID, X, Mode.COUNT)
+    h.engine.watch(1, PID, Y, Mode.COUNT, tid=other)  # keeps the process managed
+    h.engine.unwatch(1, w.id)
+    h.take()
+    h.kernel.queue_signal(tid, SIGTRAP, SigInfo(TRAP_BRKPT, 0, addr=0x5000))
+    h.settle()
+    assert h.kernel.delivered == []
+    assert h.engine.counters["empty_dr6_traps"] == 1
+    assert h.take() == []  # nobody has a watch on that thread any more
+
+
 @pytest.mark.parametrize("case", ["own int1", "unreadable", "no breakpoint on the thread"])
 def test_trap_brkpt_that_may_be_the_programs_is_delivered(case: str) -> None:
     h, [tid, other] = setup(2)
