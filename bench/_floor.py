@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 
 import msgpack
+import trio  # imported before "ready": the target's timed loop must not wait for it
 
 from hwbkptd import _kernel as k
 from hwbkptd._model import Access, Mode
@@ -95,10 +96,7 @@ def main(argv: list[str]) -> int:
 
     print("ready", flush=True)
     try:
-        if mode == "raw":
-            _run_raw(signals.fd, ours, on_sigchld, on_answer, lambda: exited)
-        else:
-            _run_trio(signals.fd, ours, on_sigchld, on_answer, lambda: exited)
+        _run(mode, signals.fd, ours, on_sigchld, on_answer, lambda: exited)
     finally:
         event.close()
         ours.close()
@@ -108,36 +106,28 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _run_raw(
+def _run(
+    mode: str,
     sigfd: int,
     sock: socket.socket,
     on_sigchld: Callable[[], None],
     on_answer: Callable[[bytes], None],
     done: Callable[[], bool],
 ) -> None:
-    epoll = select.epoll()
-    epoll.register(sigfd, select.EPOLLIN)
-    epoll.register(sock.fileno(), select.EPOLLIN)
+    """Wait for SIGCHLD and for the client until ``done()``: with epoll, or with trio."""
     sock.setblocking(False)
-    while not done():
-        for fd, _ in epoll.poll():
-            if fd == sigfd:
-                on_sigchld()
-            else:
-                on_answer(sock.recv(65536))
-    epoll.close()
-
-
-def _run_trio(
-    sigfd: int,
-    sock: socket.socket,
-    on_sigchld: Callable[[], None],
-    on_answer: Callable[[bytes], None],
-    done: Callable[[], bool],
-) -> None:
-    import trio
-
-    sock.setblocking(False)
+    if mode == "raw":
+        epoll = select.epoll()
+        epoll.register(sigfd, select.EPOLLIN)
+        epoll.register(sock.fileno(), select.EPOLLIN)
+        while not done():
+            for fd, _ in epoll.poll():
+                if fd == sigfd:
+                    on_sigchld()
+                else:
+                    on_answer(sock.recv(65536))
+        epoll.close()
+        return
 
     async def tracer(cancel: trio.CancelScope) -> None:
         while not done():
