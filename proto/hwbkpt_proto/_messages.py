@@ -233,18 +233,21 @@ def response_for_error(msgid: int, err: HwbkptError) -> Response:
     return Response(msgid=msgid, error=(err.code, err.message), result=None)
 
 
-def _params_from_wire(params: object, what: str) -> dict[str, Any]:
+def _params_from_wire(params: object, method: str) -> dict[str, Any]:
+    """The named params of a message of ``method`` (named in errors only: no string is
+    built for a good message)."""
     if not isinstance(params, list) or len(params) > 1:
         raise ProtocolError(
-            f"{what} must be an array holding nothing or one map of named values, "
-            f"got {_describe(params)}"
+            f"the params of {method!r} must be an array holding nothing or one map of named "
+            f"values, got {_describe(params)}"
         )
     if not params:
         return {}
     (named,) = params
     if not isinstance(named, dict):
         raise ProtocolError(
-            f"the element of {what} must be a map of named values, got {_describe(named)}"
+            f"the element of the params of {method!r} must be a map of named values, "
+            f"got {_describe(named)}"
         )
     return named
 
@@ -271,19 +274,21 @@ def from_wire(obj: object) -> Message:
         raise ProtocolError(
             f"message type {kind!r} is not 0 (request), 1 (response) or 2 (notification)"
         )
-    mtype = MessageType(kind)
-    expected = 3 if mtype is MessageType.NOTIFICATION else 4
+    # Plain int comparisons: this runs for every message, and MessageType(kind) costs more
+    # than the rest of a notification's checks.
+    expected = 3 if kind == MessageType.NOTIFICATION else 4
     if len(obj) != expected:
+        mtype = MessageType(kind)
         raise ProtocolError(
             f"a {mtype.name.lower()} is {_SHAPES[mtype]} ({expected} elements), "
             f"got {len(obj)} elements"
         )
-    if mtype is MessageType.REQUEST:
+    if kind == MessageType.REQUEST:
         _, msgid, method, params = obj
         _check_msgid(msgid)
         _check_method(method, "a request's method")
-        return Request(msgid, method, _params_from_wire(params, f"the params of {method!r}"))
-    if mtype is MessageType.RESPONSE:
+        return Request(msgid, method, _params_from_wire(params, method))
+    if kind == MessageType.RESPONSE:
         _, msgid, error, result = obj
         if error is not None:
             if not isinstance(error, list) or len(error) != 2:
@@ -295,4 +300,4 @@ def from_wire(obj: object) -> Message:
         return Response(msgid, error, result)
     _, method, params = obj
     _check_method(method, "a notification's method")
-    return Notification(method, _params_from_wire(params, f"the params of {method!r}"))
+    return Notification(method, _params_from_wire(params, method))
