@@ -6,19 +6,20 @@ ptrace attachments belong to the OS thread that made them, so every ptrace reque
 from the trio main thread — here and in the engine, which this module drives. Nothing is
 polled: the loop sleeps until
 
-* ``SIGCHLD`` arrives (trio's signal receiver, in the main thread): a traced thread changed
-  state. :func:`hwbkptd._kernel.wait_all` drains every pending status (signals coalesce, so
-  one SIGCHLD can stand for many) and each is handed to the engine in order;
+* ``SIGCHLD`` arrives (read from a signalfd, :class:`hwbkptd._kernel.ChildSignals`): a
+  traced thread changed state. :func:`hwbkptd._kernel.wait_all` drains every pending
+  status (signals coalesce, so one SIGCHLD can stand for many) and each is handed to the
+  engine in order;
 * the epoll set of notify-mode events becomes readable: their rings are drained in batches;
 * a periodic tick: rings below their wake-up mark are flushed, and specs the kernel refused
   with ENOSPC are retried (capacity held by other perf or ptrace users may have come back).
 
-*Hot loop.* trio's scheduler costs more than anything else on the path of a stop: a
-stop-mode hit loop is two wake-ups per hit (SIGCHLD, then the client's ``resume``), and
-each trio wake-up cost ~30 µs here (bench/_floor.py measures it). So after a round that
-reported a stop the tracer keeps going in :meth:`Tracer._hot_loop`: it waits on its own
-epoll set — SIGCHLD, the notify rings and every client socket — and handles whatever is
-ready in place: statuses, ring samples, and client messages through the same
+*Hot loop.* trio's scheduler is a large share of the path of a stop: a stop-mode hit loop
+is two wake-ups per hit (SIGCHLD, then the client's ``resume``), and the two cost ~30 µs
+per stop here (bench/_floor.py measures it: its trio floor against its epoll floor). So
+after a round that reported a stop the tracer keeps going in :meth:`Tracer._hot_loop`: it
+waits on its own epoll set — SIGCHLD, the notify rings and every client socket — and
+handles whatever is ready in place: statuses, ring samples, and client messages through the same
 ``ClientHandle.read_some`` the connection's reader task uses (so order holds: all of it
 runs in this one thread and no bytes are held across a yield). It gives trio back its turn
 when nothing came within ``HOT_WAIT`` or after ``HOT_BUDGET``, so new connections, timers
