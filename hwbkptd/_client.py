@@ -44,7 +44,7 @@ log = logging.getLogger("hwbkptd.server")
 
 #: How long a client we are disconnecting gets to take its last message.
 _DISCONNECT_GRACE = 1.0
-#: Bytes read from a client at a time.
+#: Bytes read from a client at a time (also by the server, from a client it refuses).
 _RECV_SIZE = 65536
 
 

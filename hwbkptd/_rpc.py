@@ -136,6 +136,7 @@ class EngineBackend:
         self._clients: dict[int, ClientHandle] = {}
         self._peers: dict[int, Peer] = {}
         self._fds: dict[int, int] = {}  # client id -> its socket, read by the tracer's hot loop
+        self._corked: dict[int, ClientHandle] | None = None  # during a batch (_batch)
         self._methods: dict[str, Handler] = {
             "watch": self._watch,
             "watch_region": self._watch_region,
@@ -201,20 +202,31 @@ class EngineBackend:
 
     @contextlib.contextmanager
     def _batch(self) -> Iterator[None]:
-        """Cork every connection while the tracer works: one write per client per round."""
-        clients = list(self._clients.values())
-        for client in clients:
-            client.cork()
+        """While the tracer works, cork each connection that is sent an event (_emit), so
+        that each client gets one write per round; only those are touched, so a round
+        costs nothing per connected client. A nested batch is part of the outer one."""
+        if self._corked is not None:
+            yield
+            return
+        self._corked = {}
         try:
             yield
         finally:
-            for client in clients:
+            corked, self._corked = self._corked, None
+            for client in corked.values():
                 client.uncork()
 
     def _emit(self, cid: int, kind: str, fields: dict[str, Any], droppable: bool) -> None:
         client = self._clients.get(cid)
-        if client is not None:
-            client.send_event(kind, fields, droppable=droppable)
+        if client is None:
+            return
+        corked = self._corked
+        if corked is not None and cid not in corked:
+            # Corked from its first event of the round on: what it was sent before (a
+            # response written at once) is older, so order holds.
+            client.cork()
+            corked[cid] = client
+        client.send_event(kind, fields, droppable=droppable)
 
     def _authorize(self, client: ClientHandle, pid: int) -> None:
         authorize(self._peers[client.id], pid)

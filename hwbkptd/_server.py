@@ -56,7 +56,7 @@ from hwbkpt_proto import (
     Response,
     response_for_error,
 )
-from hwbkptd._client import ClientHandle, Counters
+from hwbkptd._client import _RECV_SIZE, ClientHandle, Counters
 from hwbkptd._config import Config
 
 __all__ = [
@@ -76,8 +76,6 @@ SLOTS_PER_THREAD = 4
 
 #: How long a client refused for the client limit gets to send the request we refuse.
 _REFUSE_GRACE = 2.0
-
-_RECV_SIZE = 65536
 
 
 def daemon_version() -> str:

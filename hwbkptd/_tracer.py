@@ -194,7 +194,6 @@ class Tracer:
         self._hot = select.epoll()
         self._hot.register(port.epoll.fileno(), select.EPOLLIN)
         self._readers: dict[int, Callable[[], bool | None]] = {}
-        self._sigfd = -1
 
     def add_reader(self, fd: int, read: Callable[[], bool | None]) -> None:
         """Let the hot loop serve client socket ``fd``: ``read()`` reads and handles what
@@ -263,7 +262,6 @@ class Tracer:
                 nursery.start_soon(self._rings)
                 nursery.start_soon(self._ticks)
                 task_status.started()
-                self._sigfd = signals.fd
                 self._hot.register(signals.fd, select.EPOLLIN)
                 while True:
                     stops = self.engine.counters["stops_reported"]
@@ -289,13 +287,14 @@ class Tracer:
         poll = self._hot.poll
         deadline = time.monotonic() + HOT_BUDGET
         ring_fd = self.port.epoll.fileno()
+        sigfd = signals.fd
         while True:
             ready = poll(HOT_WAIT)
             if not ready:
                 return
             with self.batch():
                 for fd, _ in ready:
-                    if fd == self._sigfd:
+                    if fd == sigfd:
                         signals.drain()
                         self.drain_waits()
                     elif fd == ring_fd:

@@ -168,6 +168,7 @@ class FakeKernel:
         self.killed: dict[int, int] = {}  # pid -> the signal that killed the program
         self.handled: set[int] = set()  # signals the program has handlers for
         self.memory: dict[int, int] = {}  # address -> byte (every process alike)
+        self.pending_reads: list[int] = []  # threads whose pending signals were read (/proc)
         self.unmapped: set[int] = set()
         self._waitq: list[Report] = []
         self._tids = itertools.count(1000)
@@ -394,6 +395,7 @@ class FakeKernel:
         self._stopped(tid, "SETREGS").regs.update(regs)
 
     def pending_signals(self, tid: int) -> int:
+        self.pending_reads.append(tid)
         t = self.threads.get(tid)
         if t is None or not t.alive:
             return 0

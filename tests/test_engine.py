@@ -507,6 +507,7 @@ def test_detach_swallows_our_pending_sigtrap_first() -> None:
     h, [tid] = setup(eager=True)
     _sigtrap_pending_at_detach(h, tid)
     h.settle()
+    assert tid in h.kernel.pending_reads  # a stop-mode thread is checked before detaching
     assert ("cont", tid, 0) in h.kernel.calls
     assert h.kernel.calls[-1] == ("detach", tid, 0)
     assert h.kernel.killed == {}
@@ -538,6 +539,7 @@ def test_detach_of_a_count_thread_leaves_a_foreign_pending_sigtrap_to_the_progra
     h.kernel.queue_signal(tid, SIGTRAP, SigInfo(SI_USER, 0), now=False)
     h.engine.unwatch(1, w.id)
     h.settle()
+    assert h.kernel.pending_reads == []  # no /proc read on the way out
     assert h.kernel.traced() == []
     assert h.kernel.delivered == [(tid, SIGTRAP)]
     assert h.kernel.killed == {}
