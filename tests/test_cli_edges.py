@@ -261,10 +261,12 @@ class _FakeWatch:
 
 class _InstallRacingClient:
     """A daemon stand-in whose program writes 7 while the watch is being installed, then
-    8 at the one stop: the first ``old=`` must be 7, the value once the watch is in."""
+    8 at the one stop: the first ``old=`` must be 7, the value once the watch is in.
+    With ``caught``, the write of 7 itself lands after the installation and stops."""
 
-    def __init__(self) -> None:
+    def __init__(self, caught: bool = False) -> None:
         self.value = 5
+        self.caught = caught
         self.events: list[Event] = []
 
     def watch(self, pid: int, addr: int, length: int, *args: object) -> _FakeWatch:
@@ -279,23 +281,25 @@ class _InstallRacingClient:
     def next_event(self, timeout: float | None = None) -> Event | None:
         if not self.events:
             return None
-        self.value = 8  # the store that stopped the thread
+        if not self.caught:
+            self.value = 8  # the store that stopped the thread
         return self.events.pop(0)
 
     def resume(self, tid: int) -> None:
         pass
 
 
-def test_stop_mode_first_old_value_is_read_once_installed(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(("caught", "old_new"), [(False, (7, 8)), (True, (5, 7))])
+def test_stop_mode_first_old_value_is_the_one_when_installed(
+    capsys: pytest.CaptureFixture[str], caught: bool, old_new: tuple[int, int]
 ) -> None:
     args = argparse.Namespace(
         pid=os.getpid(), target="0x1000", length=8, access=None, mode="stop", tid=None,
         priority=0, duration=0.2, json=True,
     )
-    assert _watchcmd.run(_InstallRacingClient(), args) == 0  # type: ignore[arg-type]
+    assert _watchcmd.run(_InstallRacingClient(caught), args) == 0  # type: ignore[arg-type]
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
     (stop,) = [r for r in records if r["event"] == "stop"]
-    assert (stop["old"], stop["new"]) == (7, 8)
+    assert (stop["old"], stop["new"]) == old_new
     assert (stop["addr"], stop["length"]) == (0x1000, 8)  # addresses are JSON numbers

@@ -190,6 +190,7 @@ def run(client: Client, args: argparse.Namespace) -> int:
     length = args.length or (1 if access == "x" else (target.size or 8))
     printer = _Printer(args.pid, target, length, access, args.json)
     show_values = args.mode == "stop" and access != "x" and length <= 8
+    before = _try_read(client, args.pid, target.addr, length) if show_values else None
     watches: list[Watch]
     if length in (1, 2, 4, 8) and target.addr % length == 0:
         watches = [
@@ -204,9 +205,12 @@ def run(client: Client, args: argparse.Namespace) -> int:
             f"({' + '.join(str(w.length) for w in watches)} bytes, split as gdb does); "
             "each access is shown once, counts per piece"
         )
-    # Read only now that the watch is in: a value read before could be stale by the writes
-    # made while the watch was being installed (the first old= would jump).
+    # The old value is the one once the watch is in: a value read before misses the writes
+    # made while the watch was being installed (the first old= would jump). A write between
+    # the installation and this read is caught, though, and its stop comes first: it is
+    # told by its new value being this one, and its old value is the one read before.
     old = _try_read(client, args.pid, target.addr, length)
+    racing = before if before is not None and before != old else None
     if old is None:
         _warn(f"warning: Cannot access memory at address {target.addr:#x}; watching it anyway")
     ids = {w.id for w in watches}
@@ -248,6 +252,9 @@ def run(client: Client, args: argparse.Namespace) -> int:
             if event.kind == "stop":
                 if show_values:
                     new = _try_read(client, args.pid, target.addr, length)
+                    if racing is not None and new == old:
+                        old = racing
+                    racing = None
                     if old is not None and new is not None:
                         record["old"], record["new"] = old, new
                     old = new
