@@ -791,8 +791,9 @@ def proc_creds(pid: int) -> ProcCreds:
     Raises NoSuchProcessError.
     """
     process = psutil.Process(pid)
-    ruid, euid, suid = process.uids()
-    rgid, egid, sgid = process.gids()
+    with process.oneshot():  # one read of /proc/PID/status for both
+        ruid, euid, suid = process.uids()
+        rgid, egid, sgid = process.gids()
     st = os.stat(f"/proc/{pid}/stat")
     dumpable = (st.st_uid, st.st_gid) == (euid, egid)
     return ProcCreds(ruid, euid, suid, rgid, egid, sgid, dumpable)

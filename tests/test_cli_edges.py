@@ -303,3 +303,18 @@ def test_stop_mode_first_old_value_is_the_one_when_installed(
     (stop,) = [r for r in records if r["event"] == "stop"]
     assert (stop["old"], stop["new"]) == old_new
     assert (stop["addr"], stop["length"]) == (0x1000, 8)  # addresses are JSON numbers
+
+
+@needs_root
+@pytest.mark.kernel
+def test_status_json_addresses_are_numbers(daemon: Daemon, target: Start) -> None:
+    prog = target("spinner", 1000)
+    addr = prog.info["addr"]
+    assert isinstance(addr, int)
+    with hwbkpt.Client(socket=daemon.socket) as c:
+        c.watch(prog.pid, addr, 8, "w", "count")
+        proc = _hwbkpt("--socket", daemon.socket, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (t,) = json.loads(proc.stdout)["targets"]
+    (slot,) = t["threads"][0]["slots"]
+    assert slot["addr"] == addr  # a JSON number, as in `hwbkpt watch --json`
