@@ -237,6 +237,9 @@ def test_dr_says_registers_are_per_connection_and_shows_physical_slots(
         proc = _hwbkpt("--socket", daemon.socket, "dr", str(prog.pid))
         assert proc.returncode == 0, proc.stderr
         out = proc.stdout
+        # The program waits on its gate: a read of stdin, named from python-ptrace's table.
+        assert out.splitlines()[0].startswith(f"thread {prog.pid} (spinner-")
+        assert out.splitlines()[0].endswith(", in system call read")
         assert "DR7 = 0x0000000000000000" in out  # this new connection wrote nothing
         assert "each `hwbkpt dr` is a new" in " ".join(out.split())
         assert f"physical slots of thread {prog.pid} (every client's): 1 of 4 in use" in out

@@ -2,7 +2,8 @@
 
 Virtual registers belong to one connection (DESIGN §5.6): what this command writes lasts
 while it runs, and each call is a new connection, so without writes they read empty. The
-command applies the writes in order (as PTRACE_POKEUSER would), prints the eight registers
+command names the thread's state and the system call it is blocked in, applies the writes
+in order (as PTRACE_POKEUSER would), prints the eight registers
 with DR7 decoded per slot, and then what is useful beyond this connection: the thread's
 *physical* slots, every client's, with their owners (from ``status``). With ``--wait`` it
 keeps the writes in effect, printing each stop with this client's DR6, until Ctrl-C.
@@ -14,9 +15,11 @@ import argparse
 import signal
 from typing import Any
 
+import psutil
+
 from hwbkpt._blocking import Client
 
-__all__ = ["check", "configure", "format_registers", "format_slots", "run"]
+__all__ = ["check", "configure", "describe_thread", "format_registers", "format_slots", "run"]
 
 _RW = {0b00: "x", 0b01: "w", 0b10: "io", 0b11: "rw"}
 _LEN = {0b00: 1, 0b01: 2, 0b11: 4, 0b10: 8}
@@ -99,7 +102,30 @@ def format_slots(status: dict[str, Any], tid: int) -> str:
     return f"physical slots of thread {tid}: none (the daemon does not manage it now)\n"
 
 
+def describe_thread(tid: int) -> str:
+    """``thread 812 (prog): sleeping, in system call read``: the thread's state (psutil) and
+    the system call it is blocked in (/proc/TID/syscall, named by python-ptrace), as far as
+    this machine shows them (best effort: the daemon may serve another host's socket)."""
+    try:
+        process = psutil.Process(tid)  # a thread id is a psutil.Process too
+        text = f"thread {tid} ({process.name()}): {process.status()}"
+    except (psutil.Error, ValueError):
+        return f"thread {tid}: not found on this machine"
+    try:
+        with open(f"/proc/{tid}/syscall") as f:
+            first = f.read().split(maxsplit=1)[0]  # "running", "-1 ..." (user mode) or "NR ..."
+    except (OSError, IndexError):
+        return text
+    if first.isdigit():
+        # python-ptrace's table is imported only here: it takes ~35 ms to load.
+        from ptrace.syscall.names import SYSCALL_NAMES
+
+        text += f", in system call {SYSCALL_NAMES.get(int(first), f'#{first}')}"
+    return text
+
+
 def run(client: Client, args: argparse.Namespace) -> int:
+    print(describe_thread(args.tid), flush=True)
     for n, value in _pairs(args.writes):
         client.poke_dr(args.tid, n, value)
     print(format_registers([client.peek_dr(args.tid, n) for n in range(8)]), end="", flush=True)
