@@ -110,6 +110,8 @@ def test_region_notify_one_line_per_access_counts_per_piece(
     hits = [r for r in records if r["event"] == "hit"]
     assert len(hits) == n, [len(r["watches"]) for r in hits]
     assert all(len(r["watches"]) == 4 for r in hits)  # one store touched all four pieces
+    walls = [r["wall"] for r in hits]  # when each store happened, from its sample time
+    assert walls == sorted(walls)
     summary = records[-1]
     assert summary["event"] == "summary"
     assert summary["count"] is None  # never summed: 4 x 100 would count each store 4 times

@@ -308,11 +308,19 @@ def _read_value(client: Client, pid: int, addr: int, length: int) -> int:
     return int.from_bytes(client.read_memory(pid, addr, length), "little")
 
 
+def _wall_of(sample_time: int) -> float:
+    """The wall-clock time of a ``CLOCK_MONOTONIC`` sample time in ns (hits are printed
+    later than they happen: a region's are held until their access is complete)."""
+    return time.time() - (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - sample_time) / 1e9
+
+
 def _record(event: Event, ids: set[int], printer: _Printer) -> dict[str, Any] | None:
     wall = time.time()
     if event.kind in ("hit", "stop"):
         if event.kind == "hit" and not ids.intersection(event.watches):
             return None
+        if event.kind == "hit" and isinstance(event.get("time"), int):
+            wall = _wall_of(event.time)
         ip = event.ip if event.kind == "hit" else event.regs["rip"]
         return {
             "event": event.kind,
@@ -344,7 +352,7 @@ def _access_record(access: Access, printer: _Printer) -> dict[str, Any]:
     """The ``hit`` line of one access to a region, whichever pieces it touched."""
     return {
         "event": "hit",
-        "wall": time.time(),
+        "wall": _wall_of(access.time),
         "tid": access.tid,
         "ip": access.ip,
         "where": printer.where(access.ip),
