@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from hwbkpt_proto import Connection, Limits, Notification, ProtocolError, Response
+from hwbkpt_proto import Connection, Limits, Notification, ProtocolError, Response, pack_regs
 
 __all__ = ["ClientHandle", "Counters"]
 
@@ -91,6 +91,9 @@ class ClientHandle:
         self.uid = uid
         self.gid = gid
         self.name: str | None = None
+        # The version agreed in ``hello``: from 2 on, ``stop`` carries its registers as one
+        # bin (hwbkpt_proto._regs); send_event converts.
+        self.protocol_version = 1
         self.connected_at = time.time()
         self.disconnect_reason: str | None = None
         self._conn = Connection(Limits())
@@ -118,6 +121,11 @@ class ClientHandle:
 
     def __repr__(self) -> str:
         return f"<client {self.id} pid={self.pid} uid={self.uid} gid={self.gid} name={self.name!r}>"
+
+    def set_protocol_version(self, version: int) -> None:
+        """Speak protocol ``version`` (agreed in ``hello``) from the next message on."""
+        self.protocol_version = version
+        self._conn.positional = version >= 2
 
     @property
     def closing(self) -> bool:
@@ -155,6 +163,8 @@ class ClientHandle:
                 f"and a {kind!r} event cannot be dropped"
             )
             return False
+        if kind == "stop" and self.protocol_version >= 2 and "regs" in fields:
+            fields = {**fields, "regs": pack_regs(fields["regs"])}
         data = self._conn.send(Notification(kind, fields))
         if kind == "stop" and self._stop_queued_at is None:
             self._stop_queued_at = trio.current_time()

@@ -45,6 +45,7 @@ import trio
 
 from hwbkpt_proto import (
     PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
     Connection,
     HwbkptError,
     InternalError,
@@ -351,18 +352,21 @@ class Server:
         if client.name is not None:
             raise ProtocolError("'hello' was already sent on this connection")
         version = params.get("version")
-        if version != PROTOCOL_VERSION:
+        # type() rather than ==: True == 1 but is not a version.
+        if type(version) is not int or version not in PROTOCOL_VERSIONS:
+            spoken = ", ".join(map(str, PROTOCOL_VERSIONS))
             raise ProtocolError(
                 f"protocol version {version!r} is not supported; this daemon speaks "
-                f"version {PROTOCOL_VERSION} (upgrade the client or the daemon)"
+                f"versions {spoken} (upgrade the client or the daemon)"
             )
         name = params.get("name", "")
         if not isinstance(name, str):
             raise ProtocolError(f"hello: name must be a string, got {type(name).__name__}")
         client.name = name or f"pid {client.pid}"
-        log.info("%r said hello", client)
+        client.set_protocol_version(version)
+        log.info("%r said hello (protocol version %d)", client, version)
         return {
-            "version": PROTOCOL_VERSION,
+            "version": version,
             "daemon_version": daemon_version(),
             "slots_per_thread": SLOTS_PER_THREAD,
             "capabilities": list(getattr(self.backend, "capabilities", [])),

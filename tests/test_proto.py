@@ -385,7 +385,8 @@ def test_unknown_error_code_is_kept_in_a_base_error() -> None:
 
 
 def test_public_api() -> None:
-    assert hwbkpt_proto.PROTOCOL_VERSION == 1
+    assert hwbkpt_proto.PROTOCOL_VERSION == 2
+    assert hwbkpt_proto.PROTOCOL_VERSIONS == (1, 2)
     assert [int(t) for t in hwbkpt_proto.MessageType] == [0, 1, 2]
     for name in hwbkpt_proto.__all__:
         assert hasattr(hwbkpt_proto, name), name

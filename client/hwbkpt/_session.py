@@ -30,6 +30,7 @@ from hwbkpt_proto import (
     Limits,
     Notification,
     ProtocolError,
+    Regs,
     Request,
     Response,
     error_from_wire,
@@ -161,8 +162,12 @@ class Session:
         return {"version": PROTOCOL_VERSION, "name": default_name() if name is None else name}
 
     def hello_done(self, result: dict[str, Any]) -> None:
-        """Record the daemon's answer to ``hello``."""
+        """Record the daemon's answer to ``hello``; from version 2 on, send ``resume`` and
+        ``step`` in their fixed shape (hwbkpt_proto.POSITIONAL)."""
         self.server_info = dict(result)
+        version = result.get("version")
+        self._conn.positional = type(version) is int and version >= 2
+        self._thread_notifications.clear()  # encoded in the shape of the old version
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -190,6 +195,18 @@ class Session:
             self.connection_lost(f"the daemon sent bytes this client cannot read ({err})")
 
     def _on_notification(self, msg: Notification) -> None:
+        """Queue the event(s) of one notification.
+
+        Raises :class:`ProtocolError` for a ``stop`` whose ``regs`` bin is not 216 bytes.
+        """
+        if msg.method == "stop":
+            # The hot event: no watch changes state, so skip the lookups below.
+            p = msg.params
+            regs = p.get("regs")
+            if type(regs) is bytes:  # protocol version 2: one bin, decoded when first read
+                p["regs"] = Regs(regs)
+            self._events.append(Event("stop", p))
+            return
         if msg.method == "hits":
             # A batch of hits of the same watches, sent as arrays to keep the per-hit cost
             # low on both sides; delivered as one ``hit`` event each, in order.

@@ -23,7 +23,9 @@ from hwbkpt_proto._errors import (
 )
 from hwbkpt_proto._messages import (
     MAX_MSGID,
+    POSITIONAL,
     PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
     Limits,
     Message,
     MessageType,
@@ -33,10 +35,15 @@ from hwbkpt_proto._messages import (
     encode,
     response_for_error,
 )
+from hwbkpt_proto._regs import REGISTER_NAMES, REGS_SIZE, Regs, pack_regs
 
 __all__ = [
     "MAX_MSGID",
+    "POSITIONAL",
     "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
+    "REGISTER_NAMES",
+    "REGS_SIZE",
     "BusyError",
     "Connection",
     "ConnectionLostError",
@@ -54,9 +61,11 @@ __all__ = [
     "Notification",
     "PermissionDeniedError",
     "ProtocolError",
+    "Regs",
     "Request",
     "Response",
     "encode",
     "error_from_wire",
+    "pack_regs",
     "response_for_error",
 ]

@@ -188,6 +188,9 @@ class Connection:
         # At most one decoded object parsed ahead, with the number of arrays and maps in it.
         self._ready: list[tuple[object, int]] = []
         self._failure: ProtocolError | None = None
+        #: Send the hot notifications in their fixed array shape (``encode(positional=)``):
+        #: set by the owner once ``hello`` agreed on protocol version 2 or later.
+        self.positional = False
 
     # The unpacker calls these two as each array or map is completed (they are on the path
     # of every message, hence written out rather than sharing a helper). They count the
@@ -199,7 +202,8 @@ class Connection:
         self._containers += 1
         if self._containers > self.limits.max_container_len:
             self._too_many_containers()
-        if not set(map(type, value)) <= _VALUE_TYPES:
+        # issuperset() of an iterator tests each element without building a set.
+        if not _VALUE_TYPES.issuperset(map(type, value)):
             _refuse_values(value)
         return value
 
@@ -207,9 +211,9 @@ class Connection:
         self._containers += 1
         if self._containers > self.limits.max_container_len:
             self._too_many_containers()
-        if not set(map(type, value)) <= _KEY_TYPES:
+        if not _KEY_TYPES.issuperset(map(type, value)):
             _refuse_keys(value)
-        if not set(map(type, value.values())) <= _VALUE_TYPES:
+        if not _VALUE_TYPES.issuperset(map(type, value.values())):
             _refuse_values(value.values())
         return value
 
@@ -329,7 +333,7 @@ class Connection:
         larger than ``max_message_size`` (the peer would refuse it). Works even after a
         receive failure, so an ``EPROTO`` answer can still be sent before closing.
         """
-        data = encode(message)
+        data = encode(message, positional=self.positional)
         if len(data) > self.limits.max_message_size:
             raise ProtocolError(
                 f"{type(message).__name__} encodes to {len(data)} bytes, over the "

@@ -11,7 +11,9 @@ Wire shapes (``proto/PROTOCOL.md`` has the whole story)::
     notification  [2, method, params]
 
 ``params`` is an array of zero or one element; the one element is a map of named
-parameters with string keys. ``error`` is ``nil`` or ``[code, message]``.
+parameters with string keys. ``error`` is ``nil`` or ``[code, message]``. The hot
+notifications of a hit loop (:data:`POSITIONAL`: ``stop``, ``resume``, ``step``) may instead
+carry their params as a fixed array of positional values (protocol version 2).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from hwbkpt_proto._errors import HwbkptError, ProtocolError
 
 __all__ = [
     "MAX_MSGID",
+    "POSITIONAL",
     "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
     "Limits",
     "Message",
     "MessageType",
@@ -38,8 +42,24 @@ __all__ = [
     "response_for_error",
 ]
 
-#: The version a client sends in ``hello`` and the daemon answers with.
-PROTOCOL_VERSION: int = 1
+#: The newest version: what the client libraries send in ``hello``.
+PROTOCOL_VERSION: int = 2
+
+#: Every version the daemon speaks; it answers ``hello`` with the one the client asked for.
+#: Version 2 differs from 1 only in the hot messages (``stop`` carries its registers as one
+#: ``bin``, :mod:`hwbkpt_proto._regs`); PROTOCOL.md section 5.
+PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
+
+#: The fixed shapes of protocol version 2 (PROTOCOL.md section 1): a notification of one of
+#: these methods may carry its params as an array of these values, in this order, instead of
+#: ``[map]``; ``nil`` stands for an absent parameter, and absent parameters at the end may be
+#: left out (a ``stop`` without ``dr6`` has 5). A map of 6 names costs the decoder 6 strings
+#: and the receiver a map check per message; a hit loop sends two of these per stop.
+POSITIONAL: dict[str, tuple[str, ...]] = {
+    "stop": ("pid", "tid", "watches", "reason", "regs", "dr6"),
+    "resume": ("tid",),
+    "step": ("tid",),
+}
 
 #: msgids are unsigned 32-bit integers (msgpack-RPC's convention): ``0 <= msgid <= MAX_MSGID``.
 MAX_MSGID: int = 2**32 - 1
@@ -66,12 +86,21 @@ def _check_method(method: object, what: str) -> None:
         raise ProtocolError(f"{what} must be a non-empty string, got {_describe(method)}")
 
 
-def _check_params(params: object, what: str) -> None:
+def _check_params(params: object, kind: str, method: object) -> None:
+    # The description is built only for an error: this runs for every message sent.
     if not isinstance(params, dict):
-        raise ProtocolError(f"{what} must be a map of named values, got {_describe(params)}")
-    for key in params:
-        if type(key) is not str:
-            raise ProtocolError(f"{what} names must be strings, got {_describe(key)}")
+        raise ProtocolError(
+            f"the params of {kind} {method!r} must be a map of named values, "
+            f"got {_describe(params)}"
+        )
+    if not _STR.issuperset(map(type, params)):
+        bad = next(key for key in params if type(key) is not str)
+        raise ProtocolError(
+            f"the params of {kind} {method!r}: names must be strings, got {_describe(bad)}"
+        )
+
+
+_STR = frozenset({str})
 
 
 def _describe(value: object) -> str:
@@ -102,7 +131,7 @@ class Request:
     def __post_init__(self) -> None:
         _check_msgid(self.msgid)
         _check_method(self.method, "a request's method")
-        _check_params(self.params, f"the params of request {self.method!r}")
+        _check_params(self.params, "request", self.method)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +183,7 @@ class Notification:
 
     def __post_init__(self) -> None:
         _check_method(self.method, "a notification's method")
-        _check_params(self.params, f"the params of notification {self.method!r}")
+        _check_params(self.params, "notification", self.method)
 
 
 Message: TypeAlias = Request | Response | Notification
@@ -195,8 +224,24 @@ def _params_to_wire(params: dict[str, Any]) -> list[dict[str, Any]]:
     return [params] if params else []
 
 
-def encode(message: Message) -> bytes:
+def _positional(method: str, params: dict[str, Any]) -> list[Any] | None:
+    """The fixed array of a :data:`POSITIONAL` notification, or ``None`` if ``params`` do
+    not fit it (another method, a name it has no place for, or a nil value that would read
+    back as absent)."""
+    names = POSITIONAL.get(method)
+    if names is None or not params.keys() <= set(names) or None in params.values():
+        return None
+    values = [params.get(name) for name in names]
+    while values and values[-1] is None:
+        values.pop()
+    return values
+
+
+def encode(message: Message, *, positional: bool = False) -> bytes:
     """Encode one message to msgpack bytes (strings as str, bytes as bin).
+
+    With ``positional`` (protocol version 2), a notification of a :data:`POSITIONAL` method
+    is sent as its fixed array; everything else is encoded as in version 1.
 
     Raises :class:`ProtocolError` (from the packer's error) if a value cannot be encoded: an
     object msgpack has no type for, an integer outside -2**63..2**64-1, or a value nested
@@ -214,7 +259,12 @@ def encode(message: Message) -> bytes:
         error = None if message.error is None else list(message.error)
         wire = [MessageType.RESPONSE, message.msgid, error, message.result]
     elif isinstance(message, Notification):
-        wire = [MessageType.NOTIFICATION, message.method, _params_to_wire(message.params)]
+        fixed = _positional(message.method, message.params) if positional else None
+        wire = [
+            MessageType.NOTIFICATION,
+            message.method,
+            _params_to_wire(message.params) if fixed is None else fixed,
+        ]
     else:
         raise ProtocolError(f"cannot encode {_describe(message)}: not a hwbkpt_proto message")
     try:
@@ -233,9 +283,21 @@ def response_for_error(msgid: int, err: HwbkptError) -> Response:
     return Response(msgid=msgid, error=(err.code, err.message), result=None)
 
 
-def _params_from_wire(params: object, method: str) -> dict[str, Any]:
+def _params_from_wire(params: object, method: str, fixed: bool = False) -> dict[str, Any]:
     """The named params of a message of ``method`` (named in errors only: no string is
-    built for a good message)."""
+    built for a good message); with ``fixed`` (notifications), also a :data:`POSITIONAL`
+    array."""
+    if fixed and isinstance(params, list) and params and not isinstance(params[0], dict):
+        names = POSITIONAL.get(method)
+        if names is not None and len(params) <= len(names):
+            if None in params:  # nil: the parameter is absent
+                return {n: v for n, v in zip(names, params, strict=False) if v is not None}
+            return dict(zip(names, params, strict=False))  # may be shorter
+        if names is not None:
+            raise ProtocolError(
+                f"the params of {method!r} must be [map] or the array "
+                f"[{', '.join(names)}], got {_describe(params)}"
+            )
     if not isinstance(params, list) or len(params) > 1:
         raise ProtocolError(
             f"the params of {method!r} must be an array holding nothing or one map of named "
@@ -259,6 +321,9 @@ _SHAPES = {
 }
 
 
+_REQUEST, _RESPONSE, _NOTIFICATION = (int(t) for t in MessageType)
+
+
 def from_wire(obj: object) -> Message:
     """Build a message from one decoded msgpack object, checking its shape.
 
@@ -274,21 +339,21 @@ def from_wire(obj: object) -> Message:
         raise ProtocolError(
             f"message type {kind!r} is not 0 (request), 1 (response) or 2 (notification)"
         )
-    # Plain int comparisons: this runs for every message, and MessageType(kind) costs more
-    # than the rest of a notification's checks.
-    expected = 3 if kind == MessageType.NOTIFICATION else 4
+    # Plain int comparisons: this runs for every message, and MessageType(kind) (or even
+    # the attribute MessageType.NOTIFICATION) costs more than the rest of the checks.
+    expected = 3 if kind == _NOTIFICATION else 4
     if len(obj) != expected:
         mtype = MessageType(kind)
         raise ProtocolError(
             f"a {mtype.name.lower()} is {_SHAPES[mtype]} ({expected} elements), "
             f"got {len(obj)} elements"
         )
-    if kind == MessageType.REQUEST:
+    if kind == _REQUEST:
         _, msgid, method, params = obj
         _check_msgid(msgid)
         _check_method(method, "a request's method")
         return Request(msgid, method, _params_from_wire(params, method))
-    if kind == MessageType.RESPONSE:
+    if kind == _RESPONSE:
         _, msgid, error, result = obj
         if error is not None:
             if not isinstance(error, list) or len(error) != 2:
@@ -300,4 +365,4 @@ def from_wire(obj: object) -> Message:
         return Response(msgid, error, result)
     _, method, params = obj
     _check_method(method, "a notification's method")
-    return Notification(method, _params_from_wire(params, method))
+    return Notification(method, _params_from_wire(params, method, True))
