@@ -107,12 +107,48 @@ def stop(p: Params) -> None:
     with _client(p) as c:
         c.watch(p["pid"], p["addr"], length=8, access="w", mode="stop")
         _say("ready")
+        # CPU of this whole process (user + system: the library, the socket calls, the idle
+        # stdin thread) while the target runs, per stop.
+        cpu0 = time.process_time_ns()
         while not done.is_set():
             ev = _next_event(c, 0.1)
             if ev is not None and ev.kind == "stop":
                 c.resume(ev.tid, wait=False)  # no round trip per hit, like the C client
                 stops += 1
-        _say("result", {"stops": stops})
+        cpu = time.process_time_ns() - cpu0
+        _say("result", {"stops": stops, "cpu_ns_per_stop": cpu / max(stops, 1)})
+
+
+def libcpu(p: Params) -> None:
+    """The client library's CPU per stop without a socket or a daemon: decode one ``stop``
+    event as the daemon sends it in protocol version ``p["version"]``, then make the
+    ``resume`` notification, as stop() does per hit. Runs ``p["n"]`` times."""
+    from hwbkpt._session import Session
+    from hwbkpt_proto import REGISTER_NAMES, Notification, encode, pack_regs
+
+    # Registers of a thread stopped in a small PIE program: small and large values alike.
+    values = {"rip": 0x5555_5555_5189, "rsp": 0x7FFF_FFFF_E3D0, "rbp": 0x7FFF_FFFF_E3F0,
+              "eflags": 0x246, "cs": 0x33, "ss": 0x2B, "fs_base": 0x7FFF_F7D8_A740,
+              "orig_rax": 2**64 - 1, "rax": 0x4D2, "rdi": 0x4D2}
+    regs = {name: values.get(name, 0x1000 + i) for i, name in enumerate(REGISTER_NAMES)}
+    fields = {"pid": 4321, "tid": 4321, "watches": [1], "reason": "watch"}
+    version = int(p["version"])
+    if version >= 2:
+        data = encode(Notification("stop", {**fields, "regs": pack_regs(regs)}), positional=True)
+    else:
+        data = encode(Notification("stop", {**fields, "regs": regs}))
+    session = Session()
+    session.hello_done({"version": version})
+    n = int(p["n"])
+    cpu0 = time.process_time_ns()
+    for _ in range(n):
+        session.receive_data(data)
+        ev = session.next_event()
+        if ev is None or ev.kind != "stop":
+            raise RuntimeError(f"decoded {ev!r}, not a stop event")
+        session.thread_notification("resume", ev.tid)
+    cpu = time.process_time_ns() - cpu0
+    _say("result", {"n": n, "cpu_ns_per_stop": cpu / n})
 
 
 def threads(p: Params) -> None:
@@ -203,7 +239,7 @@ def rpc(p: Params) -> None:
 
 
 MODES: dict[str, Callable[[Params], None]] = {
-    "ping": ping, "count": count, "notify": notify, "stop": stop,
+    "ping": ping, "count": count, "notify": notify, "stop": stop, "libcpu": libcpu,
     "threads": threads, "memory": memory, "rpc": rpc,
 }
 

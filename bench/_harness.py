@@ -65,6 +65,7 @@ class Sizes:
     mem_clients: int
     mem_watches: int
     mem_runs: int
+    lib_n: int = 20_000  # stops decoded per run of the client library's CPU figure
 
 
 FULL = Sizes(runs=7, count_n=20_000, notify_n=20_000, stop_n=2_000, rpc_clients=(1, 32),
@@ -73,7 +74,8 @@ FULL = Sizes(runs=7, count_n=20_000, notify_n=20_000, stop_n=2_000, rpc_clients=
              mem_runs=3)
 QUICK = Sizes(runs=1, count_n=1_000, notify_n=1_000, stop_n=100, rpc_clients=(1, 32),
               rpc_iters={1: 50, 32: 3}, rpc_runs=1, threads=50, threads_reps=1, spawn=3,
-              threads_runs=1, mem_threads=10, mem_clients=10, mem_watches=4, mem_runs=1)
+              threads_runs=1, mem_threads=10, mem_clients=10, mem_watches=4, mem_runs=1,
+              lib_n=1_000)
 
 
 # ---------------------------------------------------------------- figures
@@ -218,6 +220,7 @@ class Bench:
         self.d = daemon
         self.out = out
         self._base: dict[str | None, list[float]] = {}
+        self._stop_cpu: list[float] = []  # the stop client's CPU per stop, per daemon run
 
     def baseline(self, pin: str | None) -> list[float]:
         """ns/write of the target with no watch, measured once per placement."""
@@ -337,9 +340,15 @@ class Bench:
             dmn: dict[str, Any] = {}
             with self.d.pinned(pin):
                 for k in (1, 2):
+                    self._stop_cpu = []
                     d = self.daemon_runs(self.s.runs, partial(self._daemon_stop, n, k, pin))
                     dmn[f"clients{k}_per_hit_ns"] = d if isinstance(d, dict) else fig(
                         [x - base for x in d], "ns")
+                    if k == 1 and not isinstance(d, dict):
+                        dmn["client_cpu_per_stop_ns"] = fig(self._stop_cpu, "ns")
+            for version in (1, 2):
+                dmn[f"client_lib_cpu_v{version}_ns"] = fig(
+                    [self._lib_cpu(version, pin) for _ in range(self.s.runs)], "ns")
             one = dmn["clients1_per_hit_ns"]
             two = dmn["clients2_per_hit_ns"]
             out["placements"][place] = {
@@ -379,7 +388,15 @@ class Bench:
         for r in res:
             if (got := result_json(r)["stops"]) != n:
                 raise BenchError(f"a stop client saw {got} stop events, the target hit {n}")
+        self._stop_cpu.append(result_json(res[0])["cpu_ns_per_stop"])
         return ns
+
+    def _lib_cpu(self, version: int, pin: str | None) -> float:
+        """ns of CPU the client library spends per stop (decode + resume), no socket."""
+        with dclient("libcpu", {"n": self.s.lib_n, "version": version}, pin) as p:
+            r = result_json(p.expect("result", 120))
+            p.wait(10)
+        return float(r["cpu_ns_per_stop"])
 
     # -- threads target helper
     @contextmanager
@@ -618,6 +635,13 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                     yield name, f"{place}: 1 client vs Python floor ({label})", \
                         r[f"{m}_per_hit_ns"], d["clients1_per_hit_ns"], \
                         q[f"one_client_vs_{m}"], ""
+                if "client_cpu_per_stop_ns" in d:
+                    yield name, f"{place}: 1 client: client process CPU/stop", None, \
+                        d["client_cpu_per_stop_ns"], None, ""
+                for v, goal in ((2, "<= 10 us"), (1, "")):
+                    if f"client_lib_cpu_v{v}_ns" in d:
+                        yield name, f"{place}: client library CPU/stop, protocol v{v}", \
+                            None, d[f"client_lib_cpu_v{v}_ns"], None, goal
         elif name == "rpc":
             for k, p in s["by_clients"].items():
                 for m, label in (("round_trips_per_s", "watch+unwatch/s"),

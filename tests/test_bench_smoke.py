@@ -65,6 +65,12 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
                 assert {"client_per_hit_ns", "py_raw_per_hit_ns", "py_trio_per_hit_ns"} <= (
                     sc["placements"][place]["reference"].keys()
                 ), place
+                # the client's CPU per stop: the library alone (v1 and v2) and the process
+                daemon = sc["placements"][place]["daemon"]
+                for key in ("client_lib_cpu_v1_ns", "client_lib_cpu_v2_ns",
+                            "client_cpu_per_stop_ns"):
+                    assert _is_figure(daemon.get(key)), (place, key)
+                    assert daemon[key]["median"] > 0, (place, key)
         elif name == "rpc":
             for by in sc["by_clients"].values():
                 assert _daemon_ok(by["daemon"]), name
@@ -72,3 +78,4 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
             assert _daemon_ok(sc["daemon"]), name
     assert res.returncode == 0, res.stderr[-2000:]
     assert "C reference" in res.stdout  # the table was printed
+    assert "client library CPU/stop, protocol v2" in res.stdout
