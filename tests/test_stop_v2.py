@@ -138,3 +138,27 @@ def test_v1_and_v2_clients_share_one_stop(
         assert wl.count() == n
         proc.go()
         assert proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_stops_regs_go_back_through_set_regs(
+    target: Start, connect: Callable[[str], Conn]
+) -> None:
+    proc = target("writer", 2, "gate2")
+    addr = info_int(proc, "addr")
+    c = connect("regs")
+    c.watch(proc.pid, addr, mode="stop")
+    proc.go()
+    ev = c.expect("stop")
+    assert isinstance(ev.regs, Regs)
+    # A version-2 Regs is a mapping, not a dict: the client sends it as the map set_regs takes.
+    c.set_regs(proc.pid, ev.regs)
+    assert c.get_regs(proc.pid) == ev.regs
+    c.set_regs(proc.pid, {"rax": ev.regs["rax"] ^ 1})
+    assert c.get_regs(proc.pid)["rax"] == ev.regs["rax"] ^ 1
+    c.set_regs(proc.pid, ev.regs)
+    c.resume(proc.pid)
+    c.resume(c.expect("stop").tid)
+    assert proc.line() == "done var=2 pair0=0"
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0

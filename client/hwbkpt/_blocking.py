@@ -14,6 +14,7 @@ import os
 import select
 import socket as _socket
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -268,9 +269,10 @@ class Client:
         result: dict[str, int] = self.call("get_regs", tid=tid)
         return result
 
-    def set_regs(self, tid: int, regs: dict[str, int]) -> None:
-        """Change registers of stopped thread ``tid`` (only the names given)."""
-        self.call("set_regs", tid=tid, regs=regs)
+    def set_regs(self, tid: int, regs: Mapping[str, int]) -> None:
+        """Change registers of stopped thread ``tid`` (only the names given);
+        ``regs`` may be a ``stop`` event's :class:`~hwbkpt_proto.Regs`."""
+        self.call("set_regs", tid=tid, regs=dict(regs))
 
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
         """``size`` bytes at ``addr`` in process ``pid``."""

@@ -11,7 +11,7 @@ around a call) loses no bytes: another waiter takes over the reading.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -256,9 +256,10 @@ class AsyncClient:
         result: dict[str, int] = await self.call("get_regs", tid=tid)
         return result
 
-    async def set_regs(self, tid: int, regs: dict[str, int]) -> None:
-        """Change registers of stopped thread ``tid`` (only the names given)."""
-        await self.call("set_regs", tid=tid, regs=regs)
+    async def set_regs(self, tid: int, regs: Mapping[str, int]) -> None:
+        """Change registers of stopped thread ``tid`` (only the names given);
+        ``regs`` may be a ``stop`` event's :class:`~hwbkpt_proto.Regs`."""
+        await self.call("set_regs", tid=tid, regs=dict(regs))
 
     async def read_memory(self, pid: int, addr: int, size: int) -> bytes:
         """``size`` bytes at ``addr`` in process ``pid``."""

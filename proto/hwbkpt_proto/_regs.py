@@ -49,7 +49,11 @@ def pack_regs(regs: Mapping[str, int]) -> bytes:
     if isinstance(regs, Regs):
         return regs.raw
     try:
-        return _STRUCT.pack(*[regs.get(name, 0) for name in REGISTER_NAMES])
+        try:
+            # The daemon's registers are complete (PTRACE_GETREGS): no default per name.
+            return _STRUCT.pack(*map(regs.__getitem__, REGISTER_NAMES))
+        except KeyError:
+            return _STRUCT.pack(*[regs.get(name, 0) for name in REGISTER_NAMES])
     except struct.error as err:
         raise ProtocolError(f"registers cannot be encoded: {err}") from err
 
