@@ -227,3 +227,19 @@ def test_session_ends_on_a_bad_regs_bin() -> None:
 
 def test_hello_asks_for_the_newest_version() -> None:
     assert Session().hello_params("x")["version"] == hwbkpt_proto.PROTOCOL_VERSION == 2
+
+
+def test_decoded_messages_are_whole_frozen_messages() -> None:
+    # from_wire builds them without re-running their checks: they must still be the same.
+    import dataclasses
+
+    for message in (
+        Notification("stop", {**STOP, "regs": RAW}),
+        Request(7, "watch", {"pid": 1, "addr": 8}),
+    ):
+        got = _decode(encode(message, positional=True))
+        assert type(got) is type(message)
+        assert got == message
+        assert repr(got) == repr(message)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got.method = "other"  # type: ignore[misc]

@@ -247,6 +247,8 @@ class Connection:
         """
         self._check_alive()
         if not self._ready:
+            if not self._pending and self._fed == self._start:
+                return None  # every byte received is decoded (after each message of a loop)
             self._guarded(self._parse_ahead)
             if not self._ready:
                 return None
