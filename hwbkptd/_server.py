@@ -386,6 +386,7 @@ class Server:
                 "uid": client.uid,
                 "gid": client.gid,
                 "name": client.name,
+                "protocol": client.protocol_version,
                 "queued_events": client._queued_events,
                 "events_dropped": client.events_dropped,
             }

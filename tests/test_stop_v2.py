@@ -107,6 +107,8 @@ def test_v1_and_v2_clients_share_one_stop(
     with raw_peer(daemon, 1) as v1, raw_peer(daemon, 2) as v2:
         assert v1.result["version"] == 1
         assert v2.result["version"] == 2
+        protocols = {c["name"]: c["protocol"] for c in lib.status()["clients"]}
+        assert protocols == {"raw-v1": 1, "raw-v2": 2, "v2-library": 2}
         w1 = v1.call("watch", pid=proc.pid, addr=addr, mode="stop", access="w")["id"]
         w2 = v2.call("watch", pid=proc.pid, addr=addr, mode="stop", access="w")["id"]
         wl = lib.watch(proc.pid, addr, mode="stop")
