@@ -225,12 +225,15 @@ def _params_to_wire(params: dict[str, Any]) -> list[dict[str, Any]]:
     return [params] if params else []
 
 
+_POSITIONAL_SETS = {method: frozenset(names) for method, names in POSITIONAL.items()}
+
+
 def _positional(method: str, params: dict[str, Any]) -> list[Any] | None:
     """The fixed array of a :data:`POSITIONAL` notification, or ``None`` if ``params`` do
     not fit it (another method, a name it has no place for, or a nil value that would read
     back as absent)."""
     names = POSITIONAL.get(method)
-    if names is None or not params.keys() <= set(names) or None in params.values():
+    if names is None or not params.keys() <= _POSITIONAL_SETS[method] or None in params.values():
         return None
     values = [params.get(name) for name in names]
     while values and values[-1] is None:
@@ -251,18 +254,18 @@ def encode(message: Message, *, positional: bool = False) -> bytes:
     wire: list[Any]
     if isinstance(message, Request):
         wire = [
-            MessageType.REQUEST,
+            _REQUEST,
             message.msgid,
             message.method,
             _params_to_wire(message.params),
         ]
     elif isinstance(message, Response):
         error = None if message.error is None else list(message.error)
-        wire = [MessageType.RESPONSE, message.msgid, error, message.result]
+        wire = [_RESPONSE, message.msgid, error, message.result]
     elif isinstance(message, Notification):
         fixed = _positional(message.method, message.params) if positional else None
         wire = [
-            MessageType.NOTIFICATION,
+            _NOTIFICATION,
             message.method,
             _params_to_wire(message.params) if fixed is None else fixed,
         ]
