@@ -164,3 +164,35 @@ def test_a_stops_regs_go_back_through_set_regs(
     assert proc.line() == "done var=2 pair0=0"
     proc.go()
     assert proc.wait(TIMEOUT) == 0
+
+
+def _next_notification(peer: RawPeer) -> Notification:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        for m in peer.messages:
+            if isinstance(m, Notification):
+                peer.messages.remove(m)
+                return m
+        assert time.monotonic() < deadline, "no event"
+        peer._read(deadline)
+
+
+@pytest.mark.timeout(60)
+def test_bad_fixed_shape_calls_get_errors_and_leave_the_daemon_serving(daemon: Daemon) -> None:
+    with raw_peer(daemon, 2) as peer:
+        # Wrong values in the right shape: an `error` event each, like any bad notification.
+        for params in ([True], ["812"], [-1], [2**40]):
+            peer.sock.sendall(msgpack.packb([2, "resume", params]))
+            event = _next_notification(peer)
+            assert event.method == "error", event
+            assert event.params["method"] == "resume"
+            assert event.params["code"] == "EINVAL", event
+        assert peer.call("ping", data=1) == 1
+        # Longer than the shape: the stream is not hwbkpt msgpack-RPC.
+        peer.sock.sendall(msgpack.packb([2, "step", [1, 2]]))
+        event = _next_notification(peer)
+        assert event.method == "disconnected"
+        assert event.params["code"] == "EPROTO"
+        assert "[tid]" in event.params["reason"]
+    with raw_peer(daemon, 2) as other:
+        assert other.call("ping", data=2) == 2
