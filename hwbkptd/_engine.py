@@ -499,9 +499,9 @@ class Engine(StopHandling):
             for tid in tids:
                 try:
                     self._port.seize(tid)
-                except NoSuchProcessError:
-                    continue  # exited meanwhile
-                except PermissionDeniedError:
+                except (NoSuchProcessError, PermissionDeniedError):
+                    # Another thread that exited meanwhile (or cannot be had) is skipped;
+                    # the process's own main thread is the process: its error says why.
                     if tid == target.pid:
                         raise
                     continue

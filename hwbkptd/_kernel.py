@@ -111,10 +111,12 @@ __all__ = [
     "cont",
     "decode_status",
     "detach",
+    "exit_state",
     "forget_memory",
     "geteventmsg",
     "getregs",
     "getsiginfo",
+    "gone_message",
     "interrupt",
     "listen",
     "peekuser",
@@ -231,26 +233,95 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _translate_errno(err: OSError, what: str, *, memory: bool = False) -> HwbkptError:
-    """Map an OSError from a syscall into the project's exception for it."""
+def exit_state(n: int) -> str | None:
+    """How process or thread ``n`` has ended, from ``/proc/N/stat`` (field 3, the state):
+    ``"missing"`` (no such id: it never existed, or it was reaped), ``"zombie"`` (state
+    ``Z``: it exited and its parent has not reaped it yet; ``X``, dead, is treated alike),
+    or ``None`` while it lives."""
+    try:
+        with open(f"/proc/{n}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return "missing"
+    # field 2 (comm) may contain spaces and parentheses: the state follows the last ')'.
+    state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
+    return "zombie" if state in (b"Z", b"X") else None
+
+
+def gone_message(n: int, noun: str = "process") -> str | None:
+    """Why process or thread ``n`` (``noun``) cannot be acted on because it is not there,
+    in the user's terms; ``None`` if it is alive. A zombie thread that leads its thread
+    group is named as the process it is; one whose process has other threads left is the
+    main thread that exited before them (it cannot be traced, they still can)."""
+    state = exit_state(n)
+    if state is None:
+        return None
+    if state == "missing":
+        return f"{noun} {n} does not exist"
+    try:
+        status = _status_fields(f"/proc/{n}/status")
+        leader = int(status["Tgid"]) == n
+        others = int(status.get("Threads", "1")) > 1
+    except (OSError, KeyError, ValueError):
+        leader, others = noun == "process", False
+    if leader and others:
+        return (
+            f"the main thread of process {n} has exited while other threads of it run; "
+            "a zombie thread cannot be traced: watch one of the others by tid"
+        )
+    return f"{'process' if leader else noun} {n} has exited (zombie, not yet reaped by its parent)"
+
+
+def _translate_errno(
+    err: OSError, what: str, *, memory: bool = False, who: tuple[str, int] | None = None
+) -> HwbkptError:
+    """Map an OSError from a syscall into the project's exception for it, with a message in
+    the user's terms: ``what`` says what the daemon was doing ("attach to thread 812");
+    ``who`` — ``("process", pid)`` or ``("thread", tid)`` — is what the call was about, so
+    that a failure because it does not exist or has exited says exactly that.
+
+    ``PTRACE_SEIZE`` of a zombie (exited, not yet reaped) answers EPERM, not ESRCH
+    (kernel/ptrace.c, ``ptrace_attach``: ``retval = -EPERM`` stands when ``task->exit_state``
+    is set; measured by tests/test_zombie.py): an EPERM about a process that has exited is
+    therefore a NoSuchProcessError.
+    """
     code = err.errno if err.errno is not None else 0
     reason = os.strerror(code) if code else str(err)
     if memory and code in (errno.EIO, errno.EFAULT):
         # /proc/PID/mem answers EIO (and the kernel EFAULT) for an address that is not
         # mapped or not accessible: a bad argument from the client, not a register error.
-        return InvalidArgumentError(f"{what}: address range not mapped in the target ({reason})")
+        return InvalidArgumentError(
+            f"cannot {what}: the address range is not mapped in the process ({reason})"
+        )
     cls = _ERRNO_CLASS.get(code, InternalError)
+    if cls in (NoSuchProcessError, PermissionDeniedError) and who is not None:
+        gone = gone_message(who[1], who[0])
+        if gone is not None:
+            return NoSuchProcessError(gone)
     if cls is NoSuchProcessError:
-        return cls(f"{what}: no such process or thread (it has exited?)")
+        if who is not None:
+            # It exists, but ptrace says ESRCH: it is not (or no longer) stopped under the
+            # daemon (man 2 ptrace, ERRORS).
+            return cls(f"cannot {what}: {who[0]} {who[1]} is not stopped under the daemon")
+        return cls(f"cannot {what}: the process has exited")
     if cls is NoSpaceError:
-        return cls(f"{what}: all hardware breakpoint slots of the thread are in use")
+        return cls(f"cannot {what}: all hardware breakpoint slots of the thread are in use")
     if cls is PermissionDeniedError:
-        return cls(f"{what}: permission denied ({reason}); is it traced by someone else?")
-    return cls(f"{what}: {reason}")
+        return cls(
+            f"cannot {what}: the kernel refused ({reason}); is it traced by someone else?"
+        )
+    return cls(f"cannot {what}: {reason}")
 
 
-def _oserrors(what: str, *, memory: bool = False) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Decorator: translate OSError raised by the call (``raise … from err``)."""
+def _oserrors(
+    what: str, *, who: str | None = None, memory: bool = False
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorator: translate OSError raised by the call (``raise … from err``).
+
+    ``what`` is a format string over the call's positional arguments saying in the user's
+    terms what was being done (``"attach to thread {0}"``); ``who`` (``"process"`` or
+    ``"thread"``) says that the first argument is a pid or a tid (see _translate_errno).
+    """
 
     def decorate(func: Callable[_P, _R]) -> Callable[_P, _R]:
         @functools.wraps(func)
@@ -258,8 +329,9 @@ def _oserrors(what: str, *, memory: bool = False) -> Callable[[Callable[_P, _R]]
             try:
                 return func(*args, **kwargs)
             except OSError as err:
-                where = ", ".join(str(a) for a in args)
-                raise _translate_errno(err, f"{what}({where})", memory=memory) from err
+                doing = what.format(*args)
+                about = (who, args[0]) if who is not None and type(args[0]) is int else None
+                raise _translate_errno(err, doing, memory=memory, who=about) from err
 
         return wrapper
 
@@ -293,7 +365,7 @@ def _raw_ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     return result
 
 
-@_oserrors("ptrace(SEIZE)")
+@_oserrors("attach to thread {0}", who="thread")
 def seize(tid: int) -> None:
     """Seize one thread with :data:`TRACE_OPTIONS` (it keeps running).
 
@@ -302,13 +374,13 @@ def seize(tid: int) -> None:
     _raw_ptrace(PTRACE_SEIZE, tid, 0, TRACE_OPTIONS)
 
 
-@_oserrors("ptrace(INTERRUPT)")
+@_oserrors("interrupt thread {0}", who="thread")
 def interrupt(tid: int) -> None:
     """Ask a seized thread to enter a ``PTRACE_EVENT_STOP``. Raises NoSuchProcessError."""
     _raw_ptrace(PTRACE_INTERRUPT, tid)
 
 
-@_oserrors("ptrace(LISTEN)")
+@_oserrors("keep thread {0} in its job-control stop", who="thread")
 def listen(tid: int) -> None:
     """Leave a thread in its group-stop but let it be woken by SIGCONT (man ptrace).
 
@@ -318,19 +390,19 @@ def listen(tid: int) -> None:
     _raw_ptrace(PTRACE_LISTEN, tid)
 
 
-@_oserrors("ptrace(CONT)")
+@_oserrors("resume thread {0}", who="thread")
 def cont(tid: int, sig: int = 0) -> None:
     """Resume a stopped thread, delivering ``sig`` (0: none). Raises NoSuchProcessError."""
     _raw_ptrace(PTRACE_CONT, tid, 0, sig)
 
 
-@_oserrors("ptrace(SINGLESTEP)")
+@_oserrors("single-step thread {0}", who="thread")
 def singlestep(tid: int, sig: int = 0) -> None:
     """Run one instruction of a stopped thread (then SIGTRAP, TRAP_TRACE). Raises ESRCH."""
     _raw_ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
 
 
-@_oserrors("ptrace(DETACH)")
+@_oserrors("detach from thread {0}", who="thread")
 def detach(tid: int, sig: int = 0) -> None:
     """Detach a stopped thread, delivering ``sig``; closes a cached /proc/TID/mem fd.
 
@@ -370,7 +442,7 @@ _siginfo_buf = ctypes.create_string_buffer(_SIGINFO_SIZE)
 _SIGINFO_STRUCT: Final = struct.Struct("=iii4xQQII")
 
 
-@_oserrors("ptrace(GETSIGINFO)")
+@_oserrors("read the signal that stopped thread {0}", who="thread")
 def getsiginfo(tid: int) -> SigInfo:
     """The siginfo of the signal that stopped ``tid``. Raises NoSuchProcessError,
     InvalidArgumentError (the stop is not a signal stop)."""
@@ -386,7 +458,7 @@ def getsiginfo(tid: int) -> SigInfo:
 _eventmsg = ctypes.c_ulong()
 
 
-@_oserrors("ptrace(GETEVENTMSG)")
+@_oserrors("read the ptrace event of thread {0}", who="thread")
 def geteventmsg(tid: int) -> int:
     """The message of the last ptrace event (new tid for CLONE, exit status for EXIT,
     former tid for EXEC)."""
@@ -398,7 +470,7 @@ _regs_buf = (ctypes.c_ulong * len(REGISTER_NAMES))()
 _REGS_STRUCT: Final = struct.Struct(f"{len(REGISTER_NAMES)}Q")
 
 
-@_oserrors("ptrace(GETREGS)")
+@_oserrors("read the registers of thread {0}", who="thread")
 def getregs(tid: int) -> dict[str, int]:
     """The general registers of a stopped thread by ``user_regs_struct`` name."""
     _raw_ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(_regs_buf))
@@ -406,7 +478,7 @@ def getregs(tid: int) -> dict[str, int]:
     return dict(zip(REGISTER_NAMES, _REGS_STRUCT.unpack(_regs_buf), strict=True))
 
 
-@_oserrors("ptrace(SETREGS)")
+@_oserrors("write the registers of thread {0}", who="thread")
 def setregs(tid: int, regs: Mapping[str, int]) -> None:
     """Set the named registers of a stopped thread; the others keep their values.
 
@@ -425,13 +497,13 @@ def setregs(tid: int, regs: Mapping[str, int]) -> None:
     _raw_ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(_regs_buf))
 
 
-@_oserrors("ptrace(PEEKUSER)")
+@_oserrors("read offset {1} of struct user of thread {0}", who="thread")
 def peekuser(tid: int, offset: int) -> int:
     """``PTRACE_PEEKUSER`` as an unsigned word. Raises DebugRegisterIOError (EIO)."""
     return _raw_ptrace(PTRACE_PEEKUSER, tid, offset) & _U64
 
 
-@_oserrors("ptrace(POKEUSER)")
+@_oserrors("write offset {1} of struct user of thread {0}", who="thread")
 def pokeuser(tid: int, offset: int, value: int) -> None:
     """``PTRACE_POKEUSER``. Raises DebugRegisterIOError (EIO), InvalidArgumentError,
     NoSpaceError - exactly the kernel's errno, for reference tests."""
@@ -493,7 +565,7 @@ def forget_memory(pid: int) -> None:
         os.close(fd)
 
 
-@_oserrors("read_memory", memory=True)
+@_oserrors("read {2} bytes at {1:#x} of process {0}", who="process", memory=True)
 def read_memory(pid: int, addr: int, size: int) -> bytes:
     """Read ``size`` bytes at ``addr`` of process ``pid`` (which must be traced by us).
 
@@ -510,12 +582,13 @@ def read_memory(pid: int, addr: int, size: int) -> bytes:
         data = buf.raw[:done]
     if len(data) != size:
         raise InvalidArgumentError(
-            f"read_memory({pid}, {addr:#x}, {size}): only {len(data)} bytes are mapped"
+            f"cannot read {size} bytes at {addr:#x} of process {pid}: only {len(data)} of "
+            "them are mapped"
         )
     return data
 
 
-@_oserrors("write_memory", memory=True)
+@_oserrors("write memory at {1:#x} of process {0}", who="process", memory=True)
 def write_memory(pid: int, addr: int, data: bytes) -> None:
     """Write ``data`` at ``addr`` of process ``pid``: through /proc/PID/mem even into
     read-only text, like POKEDATA; without access to it (see :func:`_mem_fd`) only into
@@ -533,7 +606,8 @@ def write_memory(pid: int, addr: int, data: bytes) -> None:
         done = 0
     if done != len(data):
         raise InvalidArgumentError(
-            f"write_memory({pid}, {addr:#x}): only {done} of {len(data)} bytes are mapped"
+            f"cannot write {len(data)} bytes at {addr:#x} of process {pid}: only {done} of "
+            "them are mapped (writable)"
         )
 
 
@@ -633,7 +707,8 @@ class ChildSignals:
         fd = _libc.signalfd(-1, mask, self._SFD_NONBLOCK | self._SFD_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
-            raise _translate_errno(OSError(code, os.strerror(code)), "signalfd(SIGCHLD)")
+            err = OSError(code, os.strerror(code))
+            raise _translate_errno(err, "watch for SIGCHLD (signalfd)") from err
         self.fd: int = fd
 
     def fileno(self) -> int:
@@ -669,19 +744,19 @@ def _status_fields(path: str) -> dict[str, str]:
     return fields
 
 
-@_oserrors("threads_of")
+@_oserrors("list the threads of process {0}", who="process")
 def threads_of(pid: int) -> list[int]:
     """The tids of process ``pid``, sorted. Raises NoSuchProcessError."""
     return sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
 
 
-@_oserrors("tgid_of")
+@_oserrors("find the process of thread {0}", who="thread")
 def tgid_of(tid: int) -> int:
     """The process (thread group) id of thread ``tid``. Raises NoSuchProcessError."""
     return int(_status_fields(f"/proc/{tid}/status")["Tgid"])
 
 
-@_oserrors("start_time")
+@_oserrors("read the start time of process {0}", who="process")
 def start_time(pid: int) -> int:
     """Start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, it
     identifies a process across pid reuse. Raises NoSuchProcessError."""
@@ -692,13 +767,13 @@ def start_time(pid: int) -> int:
     return int(rest[22 - 3])
 
 
-@_oserrors("tracer_of")
+@_oserrors("find the tracer of thread {0}", who="thread")
 def tracer_of(pid: int) -> int:
     """The pid of the process tracing ``pid`` (0 if none). Raises NoSuchProcessError."""
     return int(_status_fields(f"/proc/{pid}/status")["TracerPid"])
 
 
-@_oserrors("pending_signals")
+@_oserrors("read the pending signals of thread {0}", who="thread")
 def pending_signals(tid: int) -> int:
     """Mask of signals pending on thread ``tid`` itself (SigPnd), bit ``sig - 1`` per signal.
 
@@ -722,7 +797,7 @@ class ProcCreds:
     dumpable: bool
 
 
-@_oserrors("proc_creds")
+@_oserrors("read the credentials of process {0}", who="process")
 def proc_creds(pid: int) -> ProcCreds:
     """Real/effective/saved uid and gid of ``pid`` and whether it is dumpable.
 
@@ -810,7 +885,7 @@ class BreakpointEvent:
         self.sampled = 0  # total of samples returned by drain()
         self.throttled = 0
         self._ring: mmap.mmap | None = None
-        what = f"perf_event_open(tid={tid}, {addr:#x}/{length}/{access.value}/{mode.wire})"
+        what = f"set a {length}-byte {access.value} breakpoint at {addr:#x} on thread {tid}"
         attr = _perf_attr(addr, length, access, mode, sig_data, max(1, wakeup))
         fd = _syscall(
             ctypes.c_long(SYS_perf_event_open),
@@ -823,7 +898,7 @@ class BreakpointEvent:
         if fd < 0:
             code = ctypes.get_errno()
             err = OSError(code, os.strerror(code))
-            raise _translate_errno(err, what) from err
+            raise _translate_errno(err, what, who=("thread", tid)) from err
         self.fd: int = fd
         if mode is Mode.NOTIFY:
             try:
@@ -835,7 +910,7 @@ class BreakpointEvent:
     def fileno(self) -> int:
         return self.fd
 
-    @_oserrors("BreakpointEvent.read_count")
+    @_oserrors("read the hit counter of a breakpoint")
     def read_count(self) -> int:
         """The absolute hit counter of this event."""
         data = os.read(self.fd, 8)
