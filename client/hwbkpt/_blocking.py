@@ -42,11 +42,18 @@ class Watch(WatchInfo):
         self._client = client
 
     def count(self) -> int:
-        """Hits of this watch since it was installed (``count`` mode)."""
+        """Hits of this watch since it was installed (any mode); after its process exited
+        or called exec (``state == "ended"``), its final count.
+
+        Raises NotFoundError once the watch was removed.
+        """
         return int(self._client.call("count", id=self.id))
 
     def remove(self) -> None:
-        """Remove the watch (``unwatch``); its slots go to pending watches."""
+        """Remove the watch (``unwatch``), ended or not; its slots go to pending watches.
+
+        Raises NotFoundError if it was removed already.
+        """
         self._client.call("unwatch", id=self.id)
         self._client._session.forget_watch(self.id)
         self.state = "removed"

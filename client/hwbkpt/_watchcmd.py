@@ -4,7 +4,8 @@ One line per hit or stop (or one JSON object per line with ``--json``): the time
 thread, the instruction pointer symbolized as ``function+0x1d (file)``, what is watched,
 and for write watches in ``stop`` mode the old and new value. When the watch ends
 (``--duration`` elapsed, Ctrl-C, or the program exited or exec'd) the final count is
-printed. In ``stop`` mode every stop is resumed right after it is printed.
+printed — after an exit too: the daemon keeps an ended watch and its count until it is
+removed. In ``stop`` mode every stop is resumed right after it is printed.
 """
 
 from __future__ import annotations
@@ -122,10 +123,14 @@ class _Printer:
         elif kind == "lost":
             why = _LOST_WHY.get(record.get("where", ""), "the watcher did not keep up")
             text = f"{stamp} lost {record['count']} hits ({why})"
-        elif kind in ("exit", "exec"):
-            text = (
-                f"{stamp} process {record['pid']} {'exited' if kind == 'exit' else 'called exec'}"
-            )
+        elif kind == "exit":
+            if record.get("signal") is not None:
+                how = f"was killed by signal {record['signal']}"
+            else:
+                how = f"exited with status {record.get('code')}"
+            text = f"{stamp} process {record['pid']} {how}"
+        elif kind == "exec":
+            text = f"{stamp} process {record['pid']} called exec"
         elif kind == "summary":
             text = f"count: {record['count']}"
         else:
@@ -185,15 +190,15 @@ def run(client: Client, args: argparse.Namespace) -> int:
         pass
     finally:
         signal.signal(signal.SIGINT, previous)
+    # The daemon keeps a watch whose process ended (state "ended") with its final count.
     total = 0
-    if not ended:
-        for watch in watches:
-            total += watch.count()
-            watch.remove()
+    for watch in watches:
+        total += watch.count()
+        watch.remove()
     printer.line(
         {
             "event": "summary",
-            "count": total if not ended else None,
+            "count": total,
             "wall": time.time(),
             "watches": sorted(ids),
         }
@@ -226,6 +231,14 @@ def _record(event: Event, ids: set[int], what: str, printer: _Printer) -> dict[s
             if event.get(name) is not None:
                 record[name] = event.get(name)
         return record
-    if event.kind in ("exit", "exec"):
-        return {"event": event.kind, "wall": wall, "pid": event.pid}
+    if event.kind == "exit":
+        return {
+            "event": "exit",
+            "wall": wall,
+            "pid": event.pid,
+            "code": event.get("code"),
+            "signal": event.get("signal"),
+        }
+    if event.kind == "exec":
+        return {"event": "exec", "wall": wall, "pid": event.pid}
     return None
