@@ -206,9 +206,13 @@ def close_leftover_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     skips its ``close()``), so that its socket is not garbage-collected — with a
     ResourceWarning, an error under ``filterwarnings = error`` — during a later test.
 
-    Then collect garbage: any other socket or file the test leaked (one held in a reference
-    cycle is only freed by the collector, at an unpredictable later time) is finalized now,
-    and pytest reports its ResourceWarning at this test's teardown, where it belongs."""
+    Then free what a failed test still holds and collect garbage: any other socket or file
+    the test leaked is finalized now, and pytest reports its ResourceWarning at this test's
+    teardown, where it belongs. Two things keep a leak alive past its test: a reference
+    cycle (freed only by the collector, at an unpredictable later time), and the locals of
+    a *failed* test, which pytest keeps reachable from ``sys.last_traceback`` until the next
+    failure replaces it — that is how one failure in test_faults once made test_proto fail.
+    """
     import hwbkpt
 
     opened: list[hwbkpt.Client] = []
@@ -225,4 +229,10 @@ def close_leftover_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         for client in opened:
             client.close()
         opened.clear()
+        # pytest keeps a failed test's exception for post-mortem debugging (--pdb, which has
+        # run by now) and deletes it itself when the next test's call starts
+        # (_pytest/runner.py, pytest_runtest_call): delete it now instead.
+        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+            if hasattr(sys, name):
+                delattr(sys, name)
         gc.collect()

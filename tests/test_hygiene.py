@@ -67,8 +67,15 @@ def test_a_leaked_socket_fails_the_test_that_leaked_it(tmp_path: Path) -> None:
                 cycle = [s]
                 cycle.append(cycle)
 
+            def test_fails_holding_a_socket():
+                s = socket.socket(socket.AF_UNIX)
+                assert s is None  # fails; pytest keeps the frame (and s) for post-mortems
+
             def test_innocent():
                 assert [[0] for _ in range(100_000)]  # allocations: the collector may run
+
+            def test_fails_too():
+                assert False  # replaces sys.last_traceback: what still held s would go now
             """
         )
     )
@@ -83,5 +90,8 @@ def test_a_leaked_socket_fails_the_test_that_leaked_it(tmp_path: Path) -> None:
     )
     out = proc.stdout
     assert "ERROR test_leak.py::test_leaks_a_socket" in out, out
+    assert "ERROR test_leak.py::test_fails_holding_a_socket" in out, out
     assert "PASSED test_leak.py::test_innocent" in out, out
-    assert "2 passed, 1 error" in out, out  # the leaker passed its call, failed teardown
+    assert "ERROR test_leak.py::test_fails_too" not in out, out
+    # The leaker passed its call and failed its teardown; the failing holder failed both.
+    assert "2 failed, 2 passed, 2 errors" in out, out
