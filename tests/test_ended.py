@@ -53,6 +53,17 @@ def test_final_count_after_exit_without_reading_events(daemon: Daemon, target: S
         assert described[counted.id]["ended"] == EXITED
         assert described[counted.id]["count"] == N
         assert c.status()["targets"] == []  # nothing stays traced for an ended watch
+        shown = subprocess.run(
+            [sys.executable, "-m", "hwbkpt._cli", "--socket", daemon.socket, "status"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT * 2,
+        ).stdout
+        assert "ended watches (2)" in shown, shown
+        [line] = [ln for ln in shown.splitlines() if f"watch {counted.id} " in ln]
+        assert f"pid {proc.pid}" in line
+        assert line.endswith(f"count {N}  process exited (status 0)"), line
+        assert "watches 2 (2 ended)" in shown, shown
         counted.remove()
         with pytest.raises(hwbkpt.NotFoundError):
             counted.count()
