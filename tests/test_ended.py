@@ -153,3 +153,30 @@ def test_cli_watch_prints_the_final_count_when_the_program_exits(
         lines = out.splitlines()
         assert lines[-2].endswith(f"process {proc.pid} exited with status 0"), out
         assert lines[-1] == f"count: {N}", out
+
+
+def test_thread_scope_watch_ends_with_its_thread(daemon: Daemon, target: Start) -> None:
+    proc = target("tgate", 1, N)
+    proc.go()
+    tid = int(proc.line().split()[0].split("=")[1])  # "tid=N idx=0"
+    assert proc.line() == "ready"
+    with hwbkpt.Client(socket=daemon.socket, timeout=TIMEOUT) as c:
+        w = c.watch(proc.pid, info_int(proc, "slots"), mode="count", tid=tid)
+        assert w.state == "installed"
+        proc.go()
+        assert proc.line() == f"done var={N}"  # the worker has exited; the process waits
+        deadline = time.monotonic() + TIMEOUT
+        while w.state != "ended":
+            assert time.monotonic() < deadline, f"watch still {w.state} after its thread exited"
+            c.next_event(timeout=0.1)
+        assert w.ended == {"reason": "thread-exit", "code": None, "signal": None}
+        [info] = c.watches()
+        assert info["ended"] == {"reason": "thread-exit", "code": 0, "signal": None}
+        assert w.count() == N
+        # Nothing else wanted the process: the daemon let it go.
+        deadline = time.monotonic() + TIMEOUT
+        while c.status()["targets"]:
+            assert time.monotonic() < deadline, "the process stayed traced"
+            time.sleep(0.02)
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0
