@@ -252,7 +252,8 @@ def exit_state(n: int) -> str | None:
     except OSError:
         return "missing"
     # field 2 (comm) may contain spaces and parentheses: the state follows the last ')'.
-    state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
+    end = stat.rfind(b")")
+    state = stat[end + 2 : end + 3] if end >= 0 else b""
     return "zombie" if state in (b"Z", b"X") else None
 
 
