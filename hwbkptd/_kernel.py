@@ -79,6 +79,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, ParamSpec, TypeVar
 
+import psutil
+
 from hwbkpt_proto._errors import (
     BusyError,
     DebugRegisterIOError,
@@ -116,6 +118,7 @@ __all__ = [
     "cont",
     "decode_status",
     "detach",
+    "effective_caps",
     "exit_state",
     "forget_memory",
     "geteventmsg",
@@ -128,6 +131,7 @@ __all__ = [
     "pending_signals",
     "pokeuser",
     "proc_creds",
+    "process_name",
     "read_memory",
     "seize",
     "setregs",
@@ -341,6 +345,16 @@ def _oserrors(
                 doing = what.format(*args)
                 about = (who, args[0]) if who is not None and type(args[0]) is int else None
                 raise _translate_errno(err, doing, memory=memory, who=about) from err
+            except psutil.NoSuchProcess as err:  # also ZombieProcess, its subclass
+                doing = what.format(*args)
+                gone = None
+                if who is not None and type(args[0]) is int:
+                    gone = gone_message(args[0], who)
+                raise NoSuchProcessError(gone or f"cannot {doing}: it has exited") from err
+            except psutil.AccessDenied as err:
+                raise PermissionDeniedError(
+                    f"cannot {what.format(*args)}: permission denied"
+                ) from err
 
         return wrapper
 
@@ -761,7 +775,11 @@ class ChildSignals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
-# --- /proc -----------------------------------------------------------------------------------
+# --- /proc ----------------------------------------------------------------------------------
+# Process identity, thread lists and credentials come from psutil, off the hot path (attach,
+# authorization, a new thread). What psutil does not expose -- Tgid, TracerPid, SigPnd,
+# CapEff of /proc/PID/status -- is read here by hand; SigPnd is read at every detach of a
+# thread that may hold a SIGTRAP, where a psutil.Process would cost a second /proc read.
 
 
 def _status_fields(path: str) -> dict[str, str]:
@@ -777,24 +795,35 @@ def _status_fields(path: str) -> dict[str, str]:
 @_oserrors("list the threads of process {0}", who="process")
 def threads_of(pid: int) -> list[int]:
     """The tids of process ``pid``, sorted. Raises NoSuchProcessError."""
-    return sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
+    return sorted(thread.id for thread in psutil.Process(pid).threads())
 
 
 @_oserrors("find the process of thread {0}", who="thread")
 def tgid_of(tid: int) -> int:
     """The process (thread group) id of thread ``tid``. Raises NoSuchProcessError."""
+    # psutil has no Tgid: psutil.Process(tid) of a non-leader thread acts as a process.
     return int(_status_fields(f"/proc/{tid}/status")["Tgid"])
 
 
 @_oserrors("read the start time of process {0}", who="process")
-def start_time(pid: int) -> int:
-    """Start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, it
-    identifies a process across pid reuse. Raises NoSuchProcessError."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    # field 2 (comm) may contain spaces and parentheses: split after the last ')'.
-    rest = stat[stat.rindex(b")") + 2 :].split()
-    return int(rest[22 - 3])
+def start_time(pid: int) -> float:
+    """When ``pid`` started (psutil's ``create_time``, seconds since the epoch, derived
+    from /proc/PID/stat field 22): with the pid, it identifies a process across pid reuse.
+    Raises NoSuchProcessError."""
+    return float(psutil.Process(pid).create_time())
+
+
+@_oserrors("read the name of process {0}", who="process")
+def process_name(pid: int) -> str:
+    """The name of process ``pid`` (its ``comm``). Raises NoSuchProcessError."""
+    return str(psutil.Process(pid).name())
+
+
+@_oserrors("read the capabilities of process {0}", who="process")
+def effective_caps(pid: int) -> int:
+    """The effective capability set of ``pid`` (CapEff), bit ``cap`` per capability.
+    Raises NoSuchProcessError."""
+    return int(_status_fields(f"/proc/{pid}/status")["CapEff"], 16)
 
 
 @_oserrors("find the tracer of thread {0}", who="thread")
@@ -839,9 +868,10 @@ def proc_creds(pid: int) -> ProcCreds:
     ambiguous and reported as dumpable; the ptrace rule lets only root act on it anyway.
     Raises NoSuchProcessError.
     """
-    fields = _status_fields(f"/proc/{pid}/status")
-    ruid, euid, suid = (int(v) for v in fields["Uid"].split()[:3])
-    rgid, egid, sgid = (int(v) for v in fields["Gid"].split()[:3])
+    process = psutil.Process(pid)
+    with process.oneshot():  # one read of /proc/PID/status for both
+        ruid, euid, suid = process.uids()
+        rgid, egid, sgid = process.gids()
     st = os.stat(f"/proc/{pid}/stat")
     dumpable = (st.st_uid, st.st_gid) == (euid, egid)
     return ProcCreds(ruid, euid, suid, rgid, egid, sgid, dumpable)

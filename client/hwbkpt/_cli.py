@@ -33,12 +33,18 @@ EXIT_UNREACHABLE = 2
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its help line, its options, and what it does."""
+    """One subcommand: its help line, its options, and what it does.
+
+    ``check`` (optional) looks at the parsed arguments before anything is sent and returns
+    what is wrong with them, or ``None``: a usage mistake exits 2 with the usage line, as
+    argparse's own errors do, whether or not a daemon is running.
+    """
 
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[Client, argparse.Namespace], int]
     needs_daemon: bool = True
+    check: Callable[[argparse.Namespace], str | None] | None = None
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -198,12 +204,12 @@ COMMANDS: dict[str, Command] = {
         _watchcmd.configure, _watchcmd.run,
     ),
     "dr": Command(
-        "show or write this client's virtual debug registers of a thread",
-        _drcmd.configure, _drcmd.run,
+        "show or write this client's virtual debug registers of a thread, and its slots",
+        _drcmd.configure, _drcmd.run, check=_drcmd.check,
     ),
     "top": Command(
         "a refreshing view of targets, threads, slots (holders, hits/s) and clients",
-        _top.configure, _top.run,
+        _top.configure, _top.run, check=_top.check,
     ),
     "demo": Command(
         "a short narrated run: three clients sharing one thread's slots",
@@ -238,12 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the daemon's socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})",
     )
     parser.add_argument(
-        "--timeout", type=float, default=30.0, metavar="SECONDS", help="per request"
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon's answer to each request (default 30)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         command.configure(p)
+        p.set_defaults(subparser=p)
     return parser
 
 
@@ -255,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hwbkpt``; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
+    if command.check is not None:
+        mistake = command.check(args)
+        if mistake is not None:
+            args.subparser.error(mistake)  # usage line and message on stderr, exit 2
     if not command.needs_daemon:
         return command.run(None, args)  # type: ignore[arg-type]
     try:
