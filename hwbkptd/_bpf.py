@@ -47,7 +47,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hwbkptd._cond import MAX_PENDING, Condition, Op
+from hwbkptd._cond import MAX_PENDING, Condition, Env, Op, evaluate
 
 __all__ = [
     "HITS_BASE",
@@ -55,6 +55,7 @@ __all__ = [
     "WORD_LAST_OLD",
     "WORD_OLD",
     "WORD_SEEN",
+    "Emulator",
     "Insn",
     "Program",
     "generate",
@@ -326,3 +327,31 @@ def _expr(code: list[Insn], op: Op, depth: int, hits_word: int) -> None:
         # Shift counts modulo 64, as the language says (and the interpreter does).
         code.append(_alu_k(_ALU_OPS["&"], R2, 63))
     code += [_alu_x(alu, R1, R2), _mov_x(R0, R1)]
+
+
+class Emulator:
+    """The program of :func:`generate`, run in Python: the ptrace fallback's filter.
+
+    Where BPF cannot be used the daemon stops the thread at every hit of a filtered slot
+    and runs this instead, with the same map layout (so the engine reads both alike) and
+    the same evaluator semantics (:func:`hwbkptd._cond.evaluate`).
+    """
+
+    def __init__(self, conditions: Sequence[Condition], init: dict[int, int]) -> None:
+        self.conditions = tuple(conditions)
+        self.words = [0] * (value_size(len(self.conditions)) // 8)
+        for index, value in init.items():
+            self.words[index] = value
+
+    def run(self, new: int, tid: int) -> bool:
+        """One hit that left ``new`` in the watched bytes; whether any condition held."""
+        words = self.words
+        old = words[WORD_OLD]
+        matched = False
+        for i, cond in enumerate(self.conditions):
+            if evaluate(cond.op, Env(new=new, old=old, tid=tid, hits=words[HITS_BASE + i])):
+                words[HITS_BASE + i] += 1
+                matched = True
+        words[WORD_LAST_OLD], words[WORD_LAST_NEW], words[WORD_OLD] = old, new, new
+        words[WORD_SEEN] += 1
+        return matched

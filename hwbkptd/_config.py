@@ -25,3 +25,4 @@ class Config:
     max_queued_events: int = 10000
     stop_timeout: float = 30.0
     park: bool = False
+    bpf: bool = True  # evaluate conditions in the kernel when it can (hwbkptd --no-bpf)

@@ -48,11 +48,16 @@ from hwbkpt_proto import (
     PermissionDeniedError,
 )
 from hwbkptd._alloc import CAPACITY, Want, choose
+from hwbkptd._cond import Condition
 from hwbkptd._model import Mode, Spec
 from hwbkptd._records import (
+    FILTER_HITS,
+    FILTER_LAST_NEW,
+    FILTER_LAST_OLD,
     TOKEN_MAGIC,
     ClientRec,
     Emit,
+    Filter,
     Port,
     SigInfo,
     SlotRec,
@@ -85,8 +90,12 @@ class Engine(StopHandling):
         *,
         park: bool = False,
         clock: Callable[[], int] = time.monotonic_ns,
+        bpf: bool = True,
     ) -> None:
+        """``bpf``: the port evaluates conditions in the kernel; else at a ptrace stop of
+        every hit, so a slot with conditions is then opened in stop mode."""
         self._port = port
+        self._bpf = bpf
         self._emit = emit
         self._park = park
         self._clock = clock
@@ -147,8 +156,12 @@ class Engine(StopHandling):
         tid: int | None = None,
         priority: int = 0,
         vdr_slot: int | None = None,
+        condition: Condition | None = None,
     ) -> WatchRec:
         """Create a watch and try to install it.
+
+        ``condition`` (parsed for ``spec.length``): only hits for which it is true count,
+        notify or stop; it is evaluated in the kernel by the slot's filter program.
 
         Raises NoSuchProcessError (no such process or thread), BusyError (traced by someone
         else), PermissionDeniedError (the kernel refused to seize it).
@@ -167,6 +180,8 @@ class Engine(StopHandling):
             priority=priority,
             seq=next(self._seq),
             vdr_slot=vdr_slot,
+            condition=condition,
+            path=None if condition is None else "bpf" if self._bpf else "ptrace",
         )
         self._clients[cid].watches[watch.id] = watch
         self._watches[watch.id] = watch
@@ -405,6 +420,10 @@ class Engine(StopHandling):
                             "hits": slot.last,
                             "watches": [w.id for w in slot.watches],
                             "holders": sorted({w.client for w in slot.watches}),
+                            # Where the conditions of its watches are evaluated, if any.
+                            "conditions": ("bpf" if self._bpf else "ptrace")
+                            if slot.filtered
+                            else None,
                         }
                     )
                 pending = [
@@ -573,10 +592,17 @@ class Engine(StopHandling):
                 continue
             watches = by_spec[spec]
             mode = max(w.mode for w in watches)
+            filtered, always = self._filter_of(watches)
+            if filtered and not self._bpf:
+                mode = Mode.STOP  # the port evaluates the conditions at each hit's stop
             slot = thread.slots.get(spec)
             if slot is not None and any(w not in slot.watches for w in watches):
                 self._refresh(slot)  # baseline: earlier hits are not the newcomer's
-            if slot is not None and slot.mode != mode:
+            if slot is not None and (
+                slot.mode != mode or slot.filtered != filtered or slot.always != always
+            ):
+                # A new set of conditions is a new program, and an event's program cannot
+                # be replaced (PERF_EVENT_IOC_SET_BPF answers EEXIST): reopen, as for a mode.
                 if not stopped:
                     self._reopen_later(thread)
                     slot.watches = watches
@@ -584,7 +610,7 @@ class Engine(StopHandling):
                 self._close_slot(thread, spec)
                 slot = None
             if slot is None:
-                slot = self._open_slot(thread, spec, mode)
+                slot = self._open_slot(thread, spec, mode, filtered, always)
                 if slot is None and spec in thread.busy:
                     # The kernel is out of slots (someone outside the daemon holds some):
                     # our own lower-ranked slot gives way, as priority says (DESIGN 5.1).
@@ -592,7 +618,7 @@ class Engine(StopHandling):
                     if lower:
                         self._close_slot(thread, max(lower, key=lambda s: rank[s]))
                         thread.busy.discard(spec)
-                        slot = self._open_slot(thread, spec, mode)
+                        slot = self._open_slot(thread, spec, mode, filtered, always)
                 if slot is None:
                     continue
             slot.watches = watches
@@ -627,10 +653,32 @@ class Engine(StopHandling):
                         False,
                     )
 
-    def _open_slot(self, thread: ThreadRec, spec: Spec, mode: Mode) -> SlotRec | None:
+    @staticmethod
+    def _filter_of(watches: list[WatchRec]) -> tuple[tuple[WatchRec, ...], bool]:
+        """The conditional watches of a slot, and whether every hit must be delivered anyway
+        (an unconditional notify or stop watch; unconditional counts come from the event's
+        own counter, which counts every hit whatever the program says)."""
+        filtered = tuple(w for w in watches if w.condition is not None)
+        if not filtered:
+            return (), False
+        return filtered, any(w.condition is None and w.mode is not Mode.COUNT for w in watches)
+
+    def _open_slot(
+        self,
+        thread: ThreadRec,
+        spec: Spec,
+        mode: Mode,
+        filtered: tuple[WatchRec, ...] = (),
+        always: bool = False,
+    ) -> SlotRec | None:
         token = TOKEN_MAGIC | next(self._token_ids)
+        flt = None
+        if filtered:
+            conditions = tuple(w.condition for w in filtered if w.condition is not None)
+            hits = tuple(w.cond_hits.get(thread.tid, 0) for w in filtered)
+            flt = Filter(conditions, always, hits)
         try:
-            handle = self._port.open_slot(thread.tid, spec, mode, token)
+            handle = self._port.open_slot(thread.tid, spec, mode, token, flt)
         except NoSpaceError:
             thread.busy.add(spec)
             self.counters["slots_busy"] += 1
@@ -641,7 +689,9 @@ class Engine(StopHandling):
             log.warning("kernel refused %s on %d: %s", spec, thread.tid, err)
             thread.busy.add(spec)
             return None
-        slot = SlotRec(spec=spec, handle=handle, mode=mode, token=token)
+        slot = SlotRec(spec=spec, handle=handle, mode=mode, token=token, tid=thread.tid)
+        if flt is not None:
+            slot.filtered, slot.always, slot.cond_last = filtered, always, list(flt.hits)
         thread.slots[spec] = slot
         thread.had_slots = True
         if mode is Mode.STOP:
@@ -667,16 +717,43 @@ class Engine(StopHandling):
         finally:
             thread.freed = True  # capacity may have changed for what the kernel refused
 
-    def _refresh(self, slot: SlotRec) -> int:
-        """Read the slot's counter; credit the delta to every watch installed on it."""
+    def _refresh(self, slot: SlotRec) -> list[WatchRec]:
+        """Read the slot's counters; credit each watch installed on it with its new hits.
+
+        Returns the watches credited. An unconditional watch gets the event counter's
+        delta (every hit); a conditional one its own counter's delta in the slot's filter
+        (its true hits).
+        """
         try:
             now = self._port.read_count(slot.handle)
         except NoSuchProcessError:
-            return 0
+            return []
+        credited: list[WatchRec] = []
         delta = now - slot.last
         if delta > 0:
             slot.last = now
             for watch in slot.watches:
-                watch.count += delta
-            return delta
-        return 0
+                if watch.condition is None:
+                    watch.count += delta
+                    credited.append(watch)
+            if slot.filtered:
+                self._refresh_filter(slot, credited)
+        return credited
+
+    def _refresh_filter(self, slot: SlotRec, credited: list[WatchRec]) -> None:
+        try:
+            words = self._port.read_filter(slot.handle)
+        except NoSuchProcessError:
+            return
+        slot.values = (words[FILTER_LAST_NEW], words[FILTER_LAST_OLD])
+        for i, watch in enumerate(slot.filtered):
+            now = words[FILTER_HITS + i]
+            delta = now - slot.cond_last[i]
+            if delta <= 0:
+                continue
+            slot.cond_last[i] = now
+            if watch not in slot.watches:
+                continue  # left the slot; its program is replaced at the next stop
+            watch.count += delta
+            watch.cond_hits[slot.tid] = watch.cond_hits.get(slot.tid, 0) + delta
+            credited.append(watch)

@@ -80,6 +80,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     # Hidden: park each held thread in an interrupt stop before reporting it (see
     # _engine.py). Measured to buy nothing on 6.x kernels; kept to measure it again.
     parser.add_argument("--park", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-bpf",
+        action="store_true",
+        help="evaluate watch conditions at a ptrace stop of every hit instead of in the kernel "
+        "with BPF (slower; what the daemon does anyway where BPF is not available)",
+    )
     parser.add_argument("--version", action="version", version=f"hwbkptd {__version__}")
     args = parser.parse_args(argv)
     return Config(
@@ -90,6 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_queued_events=args.max_queued_events,
         stop_timeout=args.stop_timeout,
         park=args.park,
+        bpf=not args.no_bpf,
     )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from hwbkptd._cond import Condition
 from hwbkptd._model import Mode, Spec
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "EVENT_EXEC",
     "EVENT_EXIT",
     "EVENT_STOP",
+    "FILTER_HITS",
+    "FILTER_LAST_NEW",
+    "FILTER_LAST_OLD",
     "SIGTRAP",
     "SIGTRAP_BIT",
     "TOKEN_MAGIC",
@@ -29,6 +33,7 @@ __all__ = [
     "TRAP_TRACE",
     "ClientRec",
     "Emit",
+    "Filter",
     "Port",
     "SigInfo",
     "SlotRec",
@@ -67,15 +72,37 @@ class SigInfo(NamedTuple):
     addr: int = 0  # si_addr: for TRAP_BRKPT, the address after the trapping instruction
 
 
+# Words of a filter's state (Port.read_filter), as hwbkptd/_bpf.py lays out its map.
+FILTER_LAST_NEW = 1
+FILTER_LAST_OLD = 2
+FILTER_HITS = 4  # true hits of condition i at FILTER_HITS + i
+
+
+class Filter(NamedTuple):
+    """What a slot's event is to let through: the conditions of its watches.
+
+    ``conditions`` in counter order; ``always``: deliver every hit anyway (an unconditional
+    notify or stop watch shares the slot); ``hits``: each condition's true hits so far on
+    this thread (``hits`` in a condition goes on across a reopen).
+    """
+
+    conditions: tuple[Condition, ...]
+    always: bool
+    hits: tuple[int, ...]
+
+
 class Port(Protocol):
     """The kernel operations the engine uses (all errors are hwbkpt_proto errors)."""
 
     def seize(self, tid: int) -> None: ...
     def threads_of(self, pid: int) -> list[int]: ...
     def tgid_of(self, tid: int) -> int: ...
-    def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object: ...
+    def open_slot(
+        self, tid: int, spec: Spec, mode: Mode, token: int, flt: Filter | None = None
+    ) -> object: ...
     def close_slot(self, handle: object) -> None: ...
     def read_count(self, handle: object) -> int: ...
+    def read_filter(self, handle: object) -> tuple[int, ...]: ...
     def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]: ...
     def siginfo(self, tid: int) -> SigInfo: ...
     def eventmsg(self, tid: int) -> int: ...
@@ -120,6 +147,9 @@ class WatchRec:
     reasons: dict[int, str] = field(default_factory=dict)
     vdr_slot: int | None = None
     exact: bool = True  # False once the kernel throttled an event this watch counted on
+    condition: Condition | None = None
+    path: str | None = None  # where its condition is evaluated: "bpf" or "ptrace"
+    cond_hits: dict[int, int] = field(default_factory=dict)  # per thread: true hits
 
     def applies_to(self, tid: int) -> bool:
         return self.tid is None or self.tid == tid
@@ -145,6 +175,8 @@ class WatchRec:
             "threads": dict(self.states),
             "count": self.count,
             "exact": self.exact,
+            "condition": self.condition.text if self.condition is not None else None,
+            "path": self.path,
         }
 
 
@@ -156,8 +188,15 @@ class SlotRec:
     handle: object
     mode: Mode
     token: int
+    tid: int = 0
     last: int = 0
     watches: list[WatchRec] = field(default_factory=list)
+    # A filtered slot: its conditional watches in counter order, whether every hit is
+    # delivered anyway, and the counters as last read (Port.read_filter).
+    filtered: tuple[WatchRec, ...] = ()
+    always: bool = False
+    cond_last: list[int] = field(default_factory=list)
+    values: tuple[int, int] | None = None  # (new, old) of the last hit the filter saw
 
 
 @dataclass(eq=False, slots=True)

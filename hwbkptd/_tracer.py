@@ -45,8 +45,10 @@ import trio
 
 from hwbkpt_proto import BusyError, HwbkptError, NoSuchProcessError, PermissionDeniedError
 from hwbkptd import _kernel
+from hwbkptd._bpf import WORD_OLD, Emulator, generate
 from hwbkptd._engine import Engine, SigInfo
 from hwbkptd._model import Mode, Spec
+from hwbkptd._records import FILTER_HITS, Filter
 
 __all__ = ["KernelPort", "Tracer"]
 
@@ -75,7 +77,11 @@ def _comm(pid: int) -> str:
 class KernelPort:
     """The engine's :class:`~hwbkptd._engine.Port`, realized with :mod:`hwbkptd._kernel`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, bpf: bool = True) -> None:
+        """``bpf``: filters are BPF programs in the kernel; else :class:`Emulator` runs them
+        here, at the stop of every hit (the engine opens such slots in stop mode)."""
+        self.bpf = bpf
+        self.emulators: dict[int, tuple[Emulator, int]] = {}  # fd -> (filter, hits seen)
         self.epoll = select.epoll()
         self.notify: dict[int, _kernel.BreakpointEvent] = {}  # fd -> event
         self.tokens: dict[int, int] = {}  # fd -> token
@@ -105,10 +111,25 @@ class KernelPort:
     def tgid_of(self, tid: int) -> int:
         return _kernel.tgid_of(tid)
 
-    def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object:
+    def open_slot(
+        self, tid: int, spec: Spec, mode: Mode, token: int, flt: Filter | None = None
+    ) -> object:
+        bpf = None
+        if flt is not None:
+            # "old" of the first hit is the value now (the watched bytes as installed).
+            try:
+                old = int.from_bytes(_kernel.read_memory(tid, spec.addr, spec.length), "little")
+            except HwbkptError:
+                old = 0
+            init = {WORD_OLD: old, **{FILTER_HITS + i: n for i, n in enumerate(flt.hits)}}
+            if self.bpf:
+                program = generate(spec.addr, spec.length, flt.conditions, flt.always)
+                bpf = _kernel.BpfFilter(program, init)
         event = _kernel.BreakpointEvent(
-            tid, spec.addr, spec.length, spec.access, mode, token, wakeup=NOTIFY_WAKEUP
+            tid, spec.addr, spec.length, spec.access, mode, token, wakeup=NOTIFY_WAKEUP, bpf=bpf
         )
+        if flt is not None and bpf is None:
+            self.emulators[event.fd] = (Emulator(flt.conditions, init), 0)
         if mode is Mode.NOTIFY:
             self.notify[event.fd] = event
             self.tokens[event.fd] = token
@@ -117,6 +138,7 @@ class KernelPort:
 
     def close_slot(self, handle: object) -> None:
         assert isinstance(handle, _kernel.BreakpointEvent)
+        self.emulators.pop(handle.fd, None)
         if handle.fd in self.notify:
             self.epoll.unregister(handle.fd)
             del self.notify[handle.fd]
@@ -126,6 +148,21 @@ class KernelPort:
     def read_count(self, handle: object) -> int:
         assert isinstance(handle, _kernel.BreakpointEvent)
         return handle.read_count()
+
+    def read_filter(self, handle: object) -> tuple[int, ...]:
+        assert isinstance(handle, _kernel.BreakpointEvent)
+        if handle.bpf is not None:
+            return handle.bpf.words()
+        # The ptrace fallback: the thread is at the stop of its hit (a stop-mode event traps
+        # at every hit, before the next instruction), so the watched bytes are the hit's.
+        emulator, seen = self.emulators[handle.fd]
+        count = handle.read_count()
+        if count > seen:
+            data = _kernel.read_memory(handle.tid, handle.addr, handle.length)
+            for _ in range(count - seen):
+                emulator.run(int.from_bytes(data, "little"), handle.tid)
+            self.emulators[handle.fd] = (emulator, count)
+        return tuple(emulator.words)
 
     def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]:
         assert isinstance(handle, _kernel.BreakpointEvent)

@@ -75,6 +75,7 @@ class WatchInfo:
         mode: str,
         tid: int | None,
         priority: int,
+        condition: str | None = None,
     ) -> None:
         self.id: int = result["id"]
         self.state: str = result.get("state", "unknown")
@@ -90,6 +91,7 @@ class WatchInfo:
         self.access = access
         self.mode = mode
         self.priority = priority
+        self.condition = condition
 
     def _apply(self, event: Event) -> None:
         """Update the state from an event about this watch (called by the session)."""

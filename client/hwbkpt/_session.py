@@ -293,6 +293,7 @@ def watch_params(
     mode: str,
     tid: int | None,
     priority: int,
+    condition: str | None = None,
 ) -> dict[str, Any]:
     """The params of ``watch`` (``tid=None`` means every thread of the process)."""
     params: dict[str, Any] = {
@@ -305,6 +306,8 @@ def watch_params(
     }
     if tid is not None:
         params["tid"] = tid
+    if condition is not None:
+        params["condition"] = condition
     return params
 
 

@@ -71,9 +71,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=("count", "notify", "stop"),
-        default="notify",
-        help="notify (default): print each hit; stop: stop the thread at each "
-        "hit, print old/new values, resume; count: print only the total",
+        default=None,
+        help="notify (default): print each hit; stop (default with --if): stop the thread "
+        "at each hit, print old/new values, resume; count: print only the total",
+    )
+    parser.add_argument(
+        "--if",
+        dest="condition",
+        default=None,
+        metavar="EXPR",
+        help="only hits for which EXPR is true, e.g. 'new == 1234', 'changed', "
+        "'signed(new) < 0 and tid == 812' (names: new old changed tid hits; evaluated in the "
+        "kernel where BPF is available; see PROTOCOL.md, Conditions)",
     )
     parser.add_argument("--tid", type=int, default=None, help="watch only this thread")
     parser.add_argument("--priority", type=int, default=0)
@@ -139,16 +148,20 @@ def run(client: Client, args: argparse.Namespace) -> int:
     access = args.access or ("x" if target.function else "w")
     length = args.length or (1 if access == "x" else (target.size or 8))
     printer = _Printer(args.pid, target, length, access, args.json)
-    show_values = args.mode == "stop" and access != "x" and length <= 8
+    mode = args.mode or ("stop" if args.condition is not None else "notify")
+    show_values = mode == "stop" and access != "x" and length <= 8
     old = _read_value(client, args.pid, target.addr, length) if show_values else None
     watches: list[Watch]
     if length in (1, 2, 4, 8) and target.addr % length == 0:
         watches = [
-            client.watch(args.pid, target.addr, length, access, args.mode, args.tid, args.priority)
-        ]
+            client.watch(
+                args.pid, target.addr, length, access, mode, args.tid, args.priority,
+                args.condition,
+            )
+        ]  # fmt: skip
     else:
         watches = client.watch_region(
-            args.pid, target.addr, length, access, args.mode, args.tid, args.priority
+            args.pid, target.addr, length, access, mode, args.tid, args.priority, args.condition
         )
     ids = {w.id for w in watches}
     what = target.label if length == (target.size or length) else f"{target.label}[{length}]"
@@ -173,7 +186,12 @@ def run(client: Client, args: argparse.Namespace) -> int:
             if record is None:
                 continue
             if event.kind == "stop":
-                if show_values:
+                if event.get("new") is not None:
+                    # Read in the kernel at the hit (a watch with a condition): exact even
+                    # when hits in between were not reported.
+                    record["old"], record["new"] = event.get("old"), event.get("new")
+                    old = record["new"]
+                elif show_values:
                     new = _read_value(client, args.pid, target.addr, length)
                     record["old"], record["new"] = old, new
                     old = new

@@ -1,6 +1,7 @@
 /* condwriter LEN V1 V2 ...: after the gate, store each value (hex) to `var` as a LEN-byte
  * store, in order. condwriter seq N: after the gate, store 0, 1, ..., N-1 to `var` (8 bytes).
- * `var` starts as 0. Prints "done" and exits after the last store. */
+ * `var` starts as 0. Prints "done" after the last store; in seq mode it then waits on a second
+ * gate before it exits (so the watches can be read). */
 #include <stdint.h>
 #include "common.h"
 
@@ -30,5 +31,7 @@ int main(int argc, char **argv)
 	}
 	printf("done\n");
 	fflush(stdout);
+	if (seq)
+		gate();
 	return 0;
 }

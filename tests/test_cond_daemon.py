@@ -1,0 +1,148 @@
+"""Conditions through the real daemon, on both paths: evaluated in the kernel by a BPF
+program, and (``hwbkptd --no-bpf``) at a ptrace stop of every hit. Same results expected.
+
+The target stores 0, 1, ..., 19,999 to one 8-byte variable (tests/progs/condwriter.c).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import hwbkpt
+from hwbkptd import _kernel
+from tests._daemon import Daemon
+from tests._progs import Target
+from tests.test_watch import TIMEOUT, Conn, info_int, slots_of
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ptrace, perf and bpf"),
+]
+
+Start = Callable[..., Target]
+N = 20_000
+
+
+def _paths() -> list[object]:
+    why = _kernel.bpf_available() if os.geteuid() == 0 else "not root"
+    return [
+        pytest.param("bpf", marks=pytest.mark.skipif(why is not None, reason=f"no BPF: {why}")),
+        "ptrace",
+    ]
+
+
+@pytest.fixture(params=_paths())
+def path(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def connect(daemon_factory: Callable[..., Daemon], path: str) -> Iterator[Callable[[str], Conn]]:
+    """Clients of one daemon evaluating conditions on ``path``."""
+    daemon = daemon_factory(*(["--no-bpf"] if path == "ptrace" else []))
+    made: list[Conn] = []
+
+    def make(name: str = "test") -> Conn:
+        conn = Conn(daemon, name)
+        made.append(conn)
+        return conn
+
+    try:
+        yield make
+    finally:
+        for conn in made:
+            conn.close()
+
+
+@pytest.mark.timeout(240)
+def test_clients_with_different_conditions_share_one_slot(
+    target: Start, connect: Callable[[str], Conn], path: str
+) -> None:
+    proc = target("condwriter", "seq", N)
+    addr = info_int(proc, "addr")
+    once, last, changes, never, every = (connect(n) for n in ("a", "b", "c", "d", "e"))
+    w_once = once.watch(proc.pid, addr, mode="stop", condition="new == 1234")
+    w_last = last.watch(proc.pid, addr, mode="stop", condition="new >= 19990")
+    w_changes = changes.watch(proc.pid, addr, mode="count", condition="changed")
+    w_never = never.watch(proc.pid, addr, mode="stop", condition="new == -1 and not changed")
+    w_every = every.watch(proc.pid, addr, mode="count")
+    slots, pending = slots_of(once, proc.pid, proc.pid)
+    assert pending == []
+    assert len(slots) == 1
+    assert slots[0]["conditions"] == path
+    assert sorted(slots[0]["watches"]) == sorted(
+        w.id for w in (w_once, w_last, w_changes, w_never, w_every)
+    )
+    described = {d["id"]: d for d in once.watches()}
+    assert described[w_once.id]["condition"] == "new == 1234"
+    assert described[w_once.id]["path"] == path
+    assert once.status()["conditions"].startswith(path)
+
+    proc.go()
+    stop = once.expect("stop", timeout=60)
+    assert stop.watches == [w_once.id]
+    assert (stop.get("new"), stop.get("old")) == (1234, 1233)
+    assert int.from_bytes(once.read_memory(proc.pid, addr, 8), "little") == 1234
+    once.resume(proc.pid)
+    for value in range(19_990, N):
+        stop = last.expect("stop", timeout=60)
+        assert stop.watches == [w_last.id]
+        assert (stop.get("new"), stop.get("old")) == (value, value - 1)
+        last.resume(proc.pid)
+    assert proc.line(timeout=60) == "done"
+    once.none_of("stop")
+    last.none_of("stop")
+    never.none_of("stop")
+    assert w_once.count() == 1
+    assert w_last.count() == 10
+    assert w_changes.count() == N - 1  # the first store, 0 over 0, is not a change
+    assert w_never.count() == 0
+    assert w_every.count() == N
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.timeout(120)
+def test_condition_set_changes_while_installed(
+    target: Start, connect: Callable[[str], Conn]
+) -> None:
+    """A watch joining a slot regenerates its program; ``hits`` goes on counting."""
+    proc = target("condwriter", "seq", 100)
+    addr = info_int(proc, "addr")
+    a, b = connect("a"), connect("b")
+    wa = a.watch(proc.pid, addr, mode="count", condition="hits < 5 and new >= 10")
+    wb = b.watch(proc.pid, addr, mode="stop", condition="new == 50")
+    proc.go()
+    b.expect("stop", timeout=60)
+    wc = b.watch(proc.pid, addr, mode="count", condition="new & 1")  # joins while stopped
+    b.resume(proc.pid)
+    assert proc.line(timeout=60) == "done"
+    assert wa.count() == 5
+    assert wb.count() == 1
+    assert wc.count() == 25  # odd values 51..99
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0
+
+
+def test_bad_conditions_are_einval(target: Start, connect: Callable[[str], Conn]) -> None:
+    proc = target("condwriter", "seq", 1)
+    addr = info_int(proc, "addr")
+    c = connect("c")
+    with pytest.raises(hwbkpt.InvalidArgumentError, match=r"column 7: expected .*found '='"):
+        c.watch(proc.pid, addr, mode="stop", condition="new === 3")
+    with pytest.raises(hwbkpt.InvalidArgumentError, match="one of new, old"):
+        c.watch(proc.pid, addr, mode="count", condition="value == 3")
+    with pytest.raises(hwbkpt.InvalidArgumentError, match="notify"):
+        c.watch(proc.pid, addr, mode="notify", condition="new == 3")
+    with pytest.raises(hwbkpt.InvalidArgumentError, match="execute"):
+        c.watch(proc.pid, addr, length=1, access="x", mode="stop", condition="new == 3")
+    with pytest.raises(hwbkpt.InvalidArgumentError, match="string"):
+        c.call("watch", pid=proc.pid, addr=addr, mode="stop", condition=3)
+    assert c.watches() == []
+    proc.go()
+    assert proc.line() == "done"
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0
