@@ -12,7 +12,12 @@ bench/ref/target.c, which stores 0, 1, ..., N-1 to one 8-byte variable:
 * the same two false-condition rows on a second daemon started with ``--no-bpf``: the
   ptrace-stop fallback.
 
-Goals (issue 12): false condition <= 1.15x count; <= 0.15x gdb.
+* ``notify``/``notify if true, with values``: the daemon's plain notify watch, and one whose
+  condition (``new == new``) holds at every hit, so every hit is a record with its values
+  from the slot's BPF ring (checks hits + lost == N; the JSON has both).
+
+Goals (issue 12): false condition <= 1.15x count; <= 0.15x gdb; notify with values <= 1.2x
+notify without.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
     from bench._harness import Bench, Daemon
 
 FALSE = "new == 0xdeadbeefdeadbeef"
+ALWAYS = "new == new"  # true at every hit: each becomes a hit record with its values
 GDB_FALSE = "*(long *)ADDR == -1"
 
 
@@ -42,9 +48,9 @@ def run(bench: Bench) -> dict[str, Any]:
     def side(d: Daemon, mode: str, condition: str | None, stops: int = 0) -> Callable[
             [int, int], list[Any]]:
         def make(pid: int, addr: int) -> list[Any]:
-            params = {"socket": d.socket, "pid": pid, "addr": addr}
+            params = {"socket": d.socket, "pid": pid, "addr": addr, "expected": n}
             if condition is None:
-                return [(dclient("count", params), "result", False)]
+                return [(dclient(mode, params), "result", False)]
             params |= {"mode": mode, "condition": condition, "stops": stops}
             return [(dclient("cond", params), "result", False)]
         return make
@@ -56,21 +62,32 @@ def run(bench: Bench) -> dict[str, Any]:
     def measure(label: str, writes: int, make: Callable[[int, int], list[Any]],
                 check: Callable[[dict[str, Any]], str | None]) -> dict[str, Any]:
         got: list[float] = []
+        lost: list[float] = []
         for _ in range(s.runs):
             try:
                 ns, res = gated_run(writes, make, None, 300)
             except BenchError as e:
                 return failed(f"{label}: {e}")
-            why = check(result_json(res[0]))
+            result = result_json(res[0])
+            why = check(result)
             if why is not None:
                 return failed(f"{label}: {why}")
             got.append(ns - base)
-        return {"per_hit_ns": fig(got, "ns")}
+            if "lost" in result:
+                lost.append(float(result["lost"]))
+        return {"per_hit_ns": fig(got, "ns")} | ({"lost": fig(lost, "events")} if lost else {})
 
     def exact(count: int, stops: int = 0) -> Callable[[dict[str, Any]], str | None]:
         def check(r: dict[str, Any]) -> str | None:
             if r.get("count") != count or r.get("stops", 0) != stops:
                 return f"expected count {count} and {stops} stops, got {r}"
+            return None
+        return check
+
+    def streamed(count: int) -> Callable[[dict[str, Any]], str | None]:
+        def check(r: dict[str, Any]) -> str | None:
+            if r.get("hits", 0) + r.get("lost", 0) != count:
+                return f"expected {count} hits + lost, got {r}"
             return None
         return check
 
@@ -84,6 +101,9 @@ def run(bench: Bench) -> dict[str, Any]:
         rows["count"] = measure("count", n, side(d, "count", None), exact(n))
         rows["count_false"] = measure("count if false", n, side(d, "count", FALSE), exact(0))
         rows["stop_false"] = measure("stop if false", n, side(d, "stop", FALSE), exact(0))
+        rows["notify"] = measure("notify", n, side(d, "notify", None), streamed(n))
+        rows["notify_values"] = measure(
+            "notify if true, with values", n, side(d, "notify", ALWAYS), streamed(n))
         one = f"new == {n // 2}"
         rows["stop_once"] = measure(f"stop if {one}", n, side(d, "stop", one, stops=1),
                                     exact(1, 1))
@@ -113,6 +133,7 @@ def run(bench: Bench) -> dict[str, Any]:
         "stop_false_vs_gdb": r("stop_false", "gdb_false"),
         "ptrace_count_false_vs_count": r("ptrace_count_false", "count"),
         "ptrace_stop_false_vs_gdb": r("ptrace_stop_false", "gdb_false"),
+        "notify_values_vs_notify": r("notify_values", "notify"),
     }
     return out
 
@@ -140,6 +161,8 @@ def rows(s: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None, 
     yield "cond", "stop if false (bpf) vs gdb watch -l if false", f("gdb_false"), \
         f("stop_false"), q["stop_false_vs_gdb"], "<= 0.15x"
     yield "cond", "stop if new == N/2 (1 stop, bpf)", None, f("stop_once"), None, ""
+    yield "cond", "notify if true, with values (bpf) vs notify", f("notify"), \
+        f("notify_values"), q["notify_values_vs_notify"], "<= 1.2x"
     yield "cond", "count if false (ptrace, --no-bpf) vs count", f("count"), \
         f("ptrace_count_false"), q["ptrace_count_false_vs_count"], ""
     yield "cond", "stop if false (ptrace, --no-bpf) vs gdb", f("gdb_false"), \

@@ -116,7 +116,8 @@ def stop(p: Params) -> None:
 
 
 def cond(p: Params) -> None:
-    """One watch with ``p["condition"]`` in ``p["mode"]`` (count or stop); resumes stops."""
+    """One watch with ``p["condition"]`` in ``p["mode"]``: count; stop (resumes each stop);
+    notify (reads the hits, with their values, until ``p["expected"]`` hits + lost)."""
     done = _stdin_event()
     stops = 0
     new: list[int] = []
@@ -124,6 +125,28 @@ def cond(p: Params) -> None:
         w = c.watch(p["pid"], p["addr"], length=8, access="w", mode=p["mode"],
                     condition=p["condition"])
         _say("ready")
+        if p["mode"] == "notify":  # read hits as they come, as notify() does
+            hits = lost = 0
+            quiet_since = None
+            while True:
+                ev = _next_event(c, 0.1)
+                if ev is None:
+                    if done.is_set():
+                        quiet_since = quiet_since or time.monotonic()
+                        if time.monotonic() - quiet_since > 1.0:
+                            break
+                    continue
+                quiet_since = None
+                if ev.kind == "hit":
+                    hits += 1
+                    if len(new) < 10:
+                        new.append(ev.get("new"))
+                elif ev.kind == "lost":
+                    lost += int(ev.count)
+                if done.is_set() and hits + lost >= int(p["expected"]):
+                    break
+            _say("result", {"count": int(w.count()), "hits": hits, "lost": lost, "new": new})
+            return
         while not done.is_set() or (p["mode"] == "stop" and stops < int(p.get("stops", 0))):
             ev = _next_event(c, 0.1)
             if ev is not None and ev.kind == "stop":

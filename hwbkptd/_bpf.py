@@ -51,6 +51,9 @@ from hwbkptd._cond import MAX_PENDING, Condition, Env, Op, evaluate
 
 __all__ = [
     "HITS_BASE",
+    "RECORD_FIELDS",
+    "RECORD_SIZE",
+    "WORD_DROPPED",
     "WORD_LAST_NEW",
     "WORD_LAST_OLD",
     "WORD_OLD",
@@ -67,7 +70,12 @@ WORD_OLD = 0
 WORD_LAST_NEW = 1
 WORD_LAST_OLD = 2
 WORD_SEEN = 3
-HITS_BASE = 4
+WORD_DROPPED = 4  # hit records the ring had no room for
+HITS_BASE = 5
+
+# A hit record in the ring (notify): six u64 words.
+RECORD_SIZE = 48
+RECORD_FIELDS = ("tid", "ip", "time", "new", "old", "mask")
 
 # --- opcodes (instruction-set.rst) ---
 _LD, _LDX, _ST, _STX, _ALU64, _JMP = 0x00, 0x01, 0x02, 0x03, 0x07, 0x05
@@ -85,17 +93,22 @@ _PSEUDO_MAP_FD = 1
 
 # --- helpers (include/uapi/linux/bpf.h, enum bpf_func_id) ---
 HELPER_MAP_LOOKUP_ELEM = 1
+HELPER_KTIME_GET_NS = 5  # CLOCK_MONOTONIC, as the daemon's other hit times
 HELPER_GET_CURRENT_PID_TGID = 14
 HELPER_PROBE_READ_USER = 112
+HELPER_RINGBUF_OUTPUT = 130
+_CTX_IP = 16 * 8  # struct bpf_perf_event_data starts with struct pt_regs; ip is its 17th word
 
-R0, R1, R2, R3, R6, R7, R8, R9, FP = 0, 1, 2, 3, 6, 7, 8, 9, 10
+R0, R1, R2, R3, R4, R6, R7, R8, R9, FP = 0, 1, 2, 3, 4, 6, 7, 8, 9, 10
 
 # Stack layout below the frame pointer (r10).
 _KEY = -4  # u32 map key (0), then reused
 _BUF = -8  # the watched bytes, zero-extended
 _TID = -16
-_ANY = -24  # 1 once a condition was true
-_SPILL = -32  # spill slot k at _SPILL - 8 * k
+_ANY = -24  # 1 once a hit is to be delivered
+_MASK = -32  # notify record: which notify conditions held
+_REC = -80  # the record, RECORD_SIZE bytes (up to -33)
+_SPILL = -88  # spill slot k at _SPILL - 8 * k
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,46 +195,68 @@ class Program:
     insns: tuple[Insn, ...]
     map_fd_at: tuple[int, ...]  # indexes of ld_imm64 instructions that take the map's fd
     value_size: int
+    ring_fd_at: tuple[int, ...] = ()  # ... that take the record ring's fd (notify)
 
-    def encode(self, map_fd: int) -> bytes:
-        """The program's bytes with ``map_fd`` patched into its map references."""
+    def encode(self, map_fd: int, ring_fd: int = -1) -> bytes:
+        """The program's bytes with the maps' fds patched into their references."""
         out = []
         for i, insn in enumerate(self.insns):
             if i in self.map_fd_at:
                 insn = Insn(insn.code, insn.dst, insn.src, insn.off, map_fd)
+            elif i in self.ring_fd_at:
+                insn = Insn(insn.code, insn.dst, insn.src, insn.off, ring_fd)
             out.append(insn.encode())
         return b"".join(out)
 
 
-def generate(addr: int, length: int, conditions: Sequence[Condition], always: bool) -> Program:
+def generate(
+    addr: int,
+    length: int,
+    conditions: Sequence[Condition],
+    always: bool,
+    *,
+    deliver: Sequence[bool] | None = None,
+    notify: Sequence[int] = (),
+    notify_all: bool = False,
+) -> Program:
     """The program of one slot watching ``length`` bytes at ``addr``.
 
-    ``conditions`` are the slot's conditional watches in counter order; ``always`` says an
-    unconditional watch shares the slot, so every hit is delivered (the conditions are still
-    counted). Raises ValueError for a length other than 1, 2, 4, 8 or a condition written
-    for another length.
+    ``conditions`` are the slot's conditional watches in counter order; ``always`` says every
+    hit is delivered (an unconditional stop watch shares the slot; the conditions are still
+    counted). ``deliver[i]`` says whether condition *i* being true delivers the hit (its watch
+    stops; default: all do). ``notify`` lists the conditions of notify watches: when one of
+    them holds — or at every hit with ``notify_all`` (an unconditional notify watch) — the
+    program writes a hit record (:data:`RECORD_FIELDS`; bit *k* of ``mask`` for
+    ``notify[k]``) to the slot's ring. Raises ValueError for a length other than 1, 2, 4, 8,
+    a condition written for another length, or more than 64 notify conditions.
     """
     if length not in (1, 2, 4, 8):
         raise ValueError(f"length {length}")
+    if len(notify) > 64:
+        raise ValueError("at most 64 notify conditions per slot (one mask word)")
+    if deliver is None:
+        deliver = [True] * len(conditions)
+    records = bool(notify) or notify_all
+    mask_bit = {i: k for k, i in enumerate(notify)}
     for cond in conditions:
         if cond.length != length:
             raise ValueError(f"condition {cond.text!r} was parsed for {cond.length} bytes")
     code: list[Insn] = []
     map_fd_at: list[int] = []
-    deliver: list[int] = []  # jumps to the "deliver unevaluated" exit, patched at the end
+    unevaluated: list[int] = []  # jumps to the "deliver unevaluated" exit, patched at the end
     code += [_mov_x(R6, R1), _st(FP, _KEY, 0, size=_W)]
     map_fd_at.append(len(code))
     code += _ld_imm64(R1, 0, src=_PSEUDO_MAP_FD)
     code += [_mov_x(R2, FP), _alu_k(_ALU_OPS["+"], R2, _KEY), _call(HELPER_MAP_LOOKUP_ELEM)]
-    deliver.append(len(code))
+    unevaluated.append(len(code))
     code += [_jmp_k(_JEQ, R0, 0, 0), _mov_x(R7, R0)]
     # new: the watched bytes, zero-extended into a zeroed u64 (x86 is little-endian).
     code += [_st(FP, _BUF, 0), _mov_x(R1, FP), _alu_k(_ALU_OPS["+"], R1, _BUF), _mov_k(R2, length)]
     code += _ld_imm64(R3, addr)
     code += [_call(HELPER_PROBE_READ_USER)]
-    deliver.append(len(code))
+    unevaluated.append(len(code))
     code += [_jmp_k(_JNE, R0, 0, 0), _ldx(R8, FP, _BUF), _ldx(R9, R7, 8 * WORD_OLD)]
-    if any(cond.uses("tid") for cond in conditions):
+    if records or any(cond.uses("tid") for cond in conditions):
         # The low half of pid_tgid is the thread's id (bpf-helpers(7)).
         code += [
             _call(HELPER_GET_CURRENT_PID_TGID),
@@ -229,17 +264,20 @@ def generate(addr: int, length: int, conditions: Sequence[Condition], always: bo
             _alu_k(_RSH, R0, 32),
             _stx(FP, _TID, R0),
         ]
-    code += [_st(FP, _ANY, 1 if always else 0)]
+    code += [_st(FP, _ANY, 1 if always else 0), _st(FP, _MASK, 0)]
     for i, cond in enumerate(conditions):
         _expr(code, cond.op, 0, HITS_BASE + i)
         word = 8 * (HITS_BASE + i)
-        code += [
-            _jmp_k(_JEQ, R0, 0, 4),
-            _ldx(R1, R7, word),
-            _alu_k(_ALU_OPS["+"], R1, 1),
-            _stx(R7, word, R1),
-            _st(FP, _ANY, 1),
-        ]
+        then = [_ldx(R1, R7, word), _alu_k(_ALU_OPS["+"], R1, 1), _stx(R7, word, R1)]
+        if deliver[i]:
+            then.append(_st(FP, _ANY, 1))
+        if i in mask_bit:
+            then += [_ldx(R1, FP, _MASK), *_ld_imm64(R2, 1 << mask_bit[i])]
+            then += [_alu_x(_ALU_OPS["|"], R1, R2), _stx(FP, _MASK, R1)]
+        code += [_jmp_k(_JEQ, R0, 0, len(then)), *then]
+    ring_fd_at: list[int] = []
+    if records:
+        ring_fd_at.append(_record(code, notify_all))
     code += [
         _stx(R7, 8 * WORD_LAST_OLD, R9),
         _stx(R7, 8 * WORD_LAST_NEW, R8),
@@ -252,10 +290,45 @@ def generate(addr: int, length: int, conditions: Sequence[Condition], always: bo
     ]
     target = len(code)
     code += [_mov_k(R0, 1), _exit()]
-    for at in deliver:
+    for at in unevaluated:
         old = code[at]
         code[at] = Insn(old.code, old.dst, old.src, target - at - 1, old.imm)
-    return Program(tuple(code), tuple(map_fd_at), value_size(len(conditions)))
+    return Program(tuple(code), tuple(map_fd_at), value_size(len(conditions)), tuple(ring_fd_at))
+
+
+def _record(code: list[Insn], every: bool) -> int:
+    """Append: write a hit record to the ring if the mask is set (or ``every``); count a
+    record the ring had no room for. Returns the index of the ring's ld_imm64."""
+    body: list[Insn] = [
+        _ldx(R1, FP, _TID),
+        _stx(FP, _REC, R1),
+        _ldx(R1, R6, _CTX_IP),
+        _stx(FP, _REC + 8, R1),
+        _call(HELPER_KTIME_GET_NS),
+        _stx(FP, _REC + 16, R0),
+        _stx(FP, _REC + 24, R8),
+        _stx(FP, _REC + 32, R9),
+        _ldx(R1, FP, _MASK),
+        _stx(FP, _REC + 40, R1),
+    ]
+    ring_at = len(body)
+    body += _ld_imm64(R1, 0, src=_PSEUDO_MAP_FD)
+    body += [
+        _mov_x(R2, FP),
+        _alu_k(_ALU_OPS["+"], R2, _REC),
+        _mov_k(R3, RECORD_SIZE),
+        _mov_k(R4, 0),  # flags 0: the kernel wakes the reader when it has caught up
+        _call(HELPER_RINGBUF_OUTPUT),
+        _jmp_k(_JEQ, R0, 0, 3),
+        _ldx(R1, R7, 8 * WORD_DROPPED),
+        _alu_k(_ALU_OPS["+"], R1, 1),
+        _stx(R7, 8 * WORD_DROPPED, R1),
+    ]
+    if not every:
+        code += [_ldx(R1, FP, _MASK), _jmp_k(_JEQ, R1, 0, len(body))]
+    start = len(code)
+    code += body
+    return start + ring_at
 
 
 def _expr(code: list[Insn], op: Op, depth: int, hits_word: int) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 
 from hwbkpt_proto import (
     InvalidArgumentError,
+    LimitExceededError,
     NoSpaceError,
     NoSuchProcessError,
     NotFoundError,
@@ -78,6 +79,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# A slot's hit records say which notify conditions held in one 64-bit mask (hwbkptd/_bpf.py).
+MAX_NOTIFY_CONDITIONS = 64
 
 
 class Engine(StopHandling):
@@ -164,8 +168,20 @@ class Engine(StopHandling):
         notify or stop; it is evaluated in the kernel by the slot's filter program.
 
         Raises NoSuchProcessError (no such process or thread), BusyError (traced by someone
-        else), PermissionDeniedError (the kernel refused to seize it).
+        else), PermissionDeniedError (the kernel refused to seize it), LimitExceededError
+        (more than MAX_NOTIFY_CONDITIONS notify watches with conditions on one key).
         """
+        if condition is not None and mode is Mode.NOTIFY:
+            same = [
+                w
+                for w in self.targets[pid].watches.values()
+                if w.spec == spec and w.mode is Mode.NOTIFY and w.condition is not None
+            ] if pid in self.targets else []  # fmt: skip
+            if len(same) >= MAX_NOTIFY_CONDITIONS:
+                raise LimitExceededError(
+                    f"{len(same)} notify watches with conditions share this address already; "
+                    f"one slot's program tells at most {MAX_NOTIFY_CONDITIONS} of them apart"
+                )
         target = self._ensure_target(pid)
         if tid is not None and tid not in target.threads:
             self._maybe_detach(target)
@@ -323,7 +339,7 @@ class Engine(StopHandling):
         return thread.pid if thread is not None else None
 
     def on_samples(
-        self, token: int, samples: Iterable[tuple[int, int, int]], lost: int, throttled: int = 0
+        self, token: int, samples: Iterable[tuple[int, ...]], lost: int, throttled: int = 0
     ) -> None:
         """What was drained from a notify-mode slot's ring: hits, losses, and throttling.
 
@@ -356,7 +372,9 @@ class Engine(StopHandling):
         if not by_client:
             return
         samples = list(samples)
-        if samples:
+        if samples and len(samples[0]) == 6:
+            self._on_records(thread, slot, samples)
+        elif samples:
             self.counters["hits_notified"] += len(samples)
             if len(samples) == 1:
                 tid, ip, when = samples[0]
@@ -375,6 +393,57 @@ class Engine(StopHandling):
             self.counters["hits_lost_ring"] += lost
             for cid in by_client:
                 self._emit(cid, "lost", {"count": lost, "what": "hit", "where": "ring"}, True)
+
+    @staticmethod
+    def _records_of(slot: SlotRec) -> bool:
+        """Whether the slot's filter writes hit records (it has notify watches)."""
+        return bool(slot.filtered) and (
+            slot.flags[1] or any(w.mode is Mode.NOTIFY for w in slot.filtered)
+        )
+
+    def _on_records(
+        self, thread: ThreadRec, slot: SlotRec, records: list[tuple[int, ...]]
+    ) -> None:
+        """Hit records of a filtered slot: each to the notify watches it matched.
+
+        ``mask`` bit *k* stands for the *k*-th conditional notify watch of the slot's filter
+        (hwbkptd/_bpf.py); unconditional notify watches get every record. Runs of records
+        for the same watches of a client go out as one ``hits`` event, with the values.
+        """
+        conditional = [w for w in slot.filtered if w.mode is Mode.NOTIFY]
+        plain = [w for w in slot.watches if w.mode is Mode.NOTIFY and w.condition is None]
+        runs: dict[int, list[tuple[list[int], list[tuple[int, ...]]]]] = defaultdict(list)
+        for record in records:
+            mask = record[5]
+            matched = list(plain)
+            for k, watch in enumerate(conditional):
+                if mask >> k & 1 and watch in slot.watches:
+                    matched.append(watch)
+            by_client: dict[int, list[int]] = defaultdict(list)
+            for watch in matched:
+                by_client[watch.client].append(watch.id)
+            for cid, wids in by_client.items():
+                mine = runs[cid]
+                if mine and mine[-1][0] == wids:
+                    mine[-1][1].append(record)
+                else:
+                    mine.append((wids, [record]))
+        self.counters["hits_notified"] += len(records)
+        for cid, mine in runs.items():
+            for wids, run in mine:
+                if len(run) == 1:
+                    tid, ip, when, new, old, _ = run[0]
+                    fields = {"watches": wids, "tid": tid, "ip": ip, "time": when}
+                    self._emit(cid, "hit", fields | {"new": new, "old": old}, True)
+                    continue
+                tids, ips, times, news, olds, _ = (list(c) for c in zip(*run, strict=True))
+                self._emit(
+                    cid,
+                    "hits",
+                    {"watches": wids, "tid": tids, "ip": ips, "time": times, "new": news,
+                     "old": olds},
+                    True,
+                )  # fmt: skip
 
     def retry_busy(self) -> None:
         """Try again to install specs the kernel refused with ENOSPC."""
@@ -592,14 +661,14 @@ class Engine(StopHandling):
                 continue
             watches = by_spec[spec]
             mode = max(w.mode for w in watches)
-            filtered, always = self._filter_of(watches)
+            filtered, flags = self._filter_of(watches)
             if filtered and not self._bpf:
                 mode = Mode.STOP  # the port evaluates the conditions at each hit's stop
             slot = thread.slots.get(spec)
             if slot is not None and any(w not in slot.watches for w in watches):
                 self._refresh(slot)  # baseline: earlier hits are not the newcomer's
             if slot is not None and (
-                slot.mode != mode or slot.filtered != filtered or slot.always != always
+                slot.mode != mode or slot.filtered != filtered or slot.flags != flags
             ):
                 # A new set of conditions is a new program, and an event's program cannot
                 # be replaced (PERF_EVENT_IOC_SET_BPF answers EEXIST): reopen, as for a mode.
@@ -610,7 +679,7 @@ class Engine(StopHandling):
                 self._close_slot(thread, spec)
                 slot = None
             if slot is None:
-                slot = self._open_slot(thread, spec, mode, filtered, always)
+                slot = self._open_slot(thread, spec, mode, filtered, flags)
                 if slot is None and spec in thread.busy:
                     # The kernel is out of slots (someone outside the daemon holds some):
                     # our own lower-ranked slot gives way, as priority says (DESIGN 5.1).
@@ -618,7 +687,7 @@ class Engine(StopHandling):
                     if lower:
                         self._close_slot(thread, max(lower, key=lambda s: rank[s]))
                         thread.busy.discard(spec)
-                        slot = self._open_slot(thread, spec, mode, filtered, always)
+                        slot = self._open_slot(thread, spec, mode, filtered, flags)
                 if slot is None:
                     continue
             slot.watches = watches
@@ -654,14 +723,16 @@ class Engine(StopHandling):
                     )
 
     @staticmethod
-    def _filter_of(watches: list[WatchRec]) -> tuple[tuple[WatchRec, ...], bool]:
-        """The conditional watches of a slot, and whether every hit must be delivered anyway
-        (an unconditional notify or stop watch; unconditional counts come from the event's
-        own counter, which counts every hit whatever the program says)."""
+    def _filter_of(watches: list[WatchRec]) -> tuple[tuple[WatchRec, ...], tuple[bool, bool]]:
+        """The conditional watches of a slot, whether every hit must be delivered anyway (an
+        unconditional stop watch) and whether every hit must be recorded (an unconditional
+        notify watch). Unconditional counts come from the event's own counter, which counts
+        every hit whatever the program says."""
         filtered = tuple(w for w in watches if w.condition is not None)
         if not filtered:
-            return (), False
-        return filtered, any(w.condition is None and w.mode is not Mode.COUNT for w in watches)
+            return (), (False, False)
+        plain = [w.mode for w in watches if w.condition is None]
+        return filtered, (Mode.STOP in plain, Mode.NOTIFY in plain)
 
     def _open_slot(
         self,
@@ -669,14 +740,19 @@ class Engine(StopHandling):
         spec: Spec,
         mode: Mode,
         filtered: tuple[WatchRec, ...] = (),
-        always: bool = False,
+        flags: tuple[bool, bool] = (False, False),
     ) -> SlotRec | None:
         token = TOKEN_MAGIC | next(self._token_ids)
         flt = None
         if filtered:
-            conditions = tuple(w.condition for w in filtered if w.condition is not None)
-            hits = tuple(w.cond_hits.get(thread.tid, 0) for w in filtered)
-            flt = Filter(conditions, always, hits)
+            flt = Filter(
+                conditions=tuple(w.condition for w in filtered if w.condition is not None),
+                always=flags[0],
+                hits=tuple(w.cond_hits.get(thread.tid, 0) for w in filtered),
+                deliver=tuple(w.mode is Mode.STOP for w in filtered),
+                notify=tuple(i for i, w in enumerate(filtered) if w.mode is Mode.NOTIFY),
+                notify_all=flags[1],
+            )
         try:
             handle = self._port.open_slot(thread.tid, spec, mode, token, flt)
         except NoSpaceError:
@@ -691,7 +767,7 @@ class Engine(StopHandling):
             return None
         slot = SlotRec(spec=spec, handle=handle, mode=mode, token=token, tid=thread.tid)
         if flt is not None:
-            slot.filtered, slot.always, slot.cond_last = filtered, always, list(flt.hits)
+            slot.filtered, slot.flags, slot.cond_last = filtered, flags, list(flt.hits)
         thread.slots[spec] = slot
         thread.had_slots = True
         if mode is Mode.STOP:
@@ -703,7 +779,7 @@ class Engine(StopHandling):
     def _close_slot(self, thread: ThreadRec, spec: Spec) -> None:
         slot = thread.slots.pop(spec)
         self._refresh(slot)
-        if slot.mode is Mode.NOTIFY:
+        if slot.mode is Mode.NOTIFY or (self._bpf and self._records_of(slot)):
             # Hits still in the ring (and losses the kernel never got to report) belong to
             # the watches of this slot: deliver them before the ring goes.
             try:

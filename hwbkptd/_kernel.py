@@ -874,7 +874,7 @@ class BreakpointEvent:
         data = os.read(self.fd, 8)
         return int.from_bytes(data, "little")
 
-    def drain(self) -> tuple[list[tuple[int, int, int]], int]:
+    def drain(self) -> tuple[list[tuple[int, ...]], int]:
         """NOTIFY only: take every sample out of the ring.
 
         Returns ``([(tid, ip, time_ns), ...], lost)`` where ``lost`` counts samples the
@@ -892,7 +892,7 @@ class BreakpointEvent:
         # "rmb() after reading data_head" is a compiler barrier there).
         head, tail = struct.unpack_from("QQ", ring, 1024)
         size = RING_DATA_PAGES * PAGE_SIZE
-        samples: list[tuple[int, int, int]] = []
+        samples: list[tuple[int, ...]] = []
         lost = 0
         while tail < head:
             off = PAGE_SIZE + tail % size
@@ -957,6 +957,12 @@ BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2
 BPF_PROG_LOAD: Final = 5
 BPF_MAP_TYPE_ARRAY: Final = 2
+BPF_MAP_TYPE_RINGBUF: Final = 27
+# The ring of hit records of a filtered notify slot (Documentation/bpf/ringbuf.rst): a power
+# of two of pages; 256 KiB hold 4681 records of 48 bytes plus their 8-byte headers.
+BPF_RING_BYTES: Final = 1 << 18
+_RINGBUF_BUSY: Final = 1 << 31
+_RINGBUF_DISCARD: Final = 1 << 30
 BPF_PROG_TYPE_PERF_EVENT: Final = 7
 PERF_EVENT_IOC_ENABLE: Final = 0x2400  # _IO('$', 0)
 PERF_EVENT_IOC_SET_BPF: Final = 0x40042408  # _IOW('$', 8, __u32)
@@ -984,7 +990,8 @@ class BpfFilter:
     """
 
     def __init__(self, program: Program, init: Mapping[int, int]) -> None:
-        """Create the map, store ``init`` (word index → value), load the program.
+        """Create the map (and the record ring if the program writes records), store
+        ``init`` (word index → value), load the program.
 
         Raises PermissionDeniedError (BPF not permitted: no CAP_BPF/CAP_PERFMON, lockdown),
         InvalidArgumentError (the verifier refused the program: its log is in the message),
@@ -993,7 +1000,13 @@ class BpfFilter:
         self.value_size = program.value_size
         self.map_fd = -1
         self.prog_fd = -1
+        self.ring_fd = -1
+        self.dropped_seen = 0  # records lost for want of room, as last reported
+        self._consumer: mmap.mmap | None = None
+        self._producer: mmap.mmap | None = None
         try:
+            if program.ring_fd_at:
+                self._create_ring()
             self._create_map()
             words = [0] * (self.value_size // 8)
             for index, value in init.items():
@@ -1013,8 +1026,47 @@ class BpfFilter:
         except OSError as err:
             raise _translate_errno(err, "bpf(MAP_CREATE) for a condition") from err
 
+    def _create_ring(self) -> None:
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        struct.pack_into("IIII", attr, 0, BPF_MAP_TYPE_RINGBUF, 0, 0, BPF_RING_BYTES)
+        struct.pack_into("16s", attr, 28, b"hwbkpt_hits")
+        try:
+            self.ring_fd = _bpf(BPF_MAP_CREATE, attr, "bpf(MAP_CREATE)")
+            # The consumer page is ours to write; the producer page and the data (mapped
+            # twice in a row, so a record that wraps reads contiguously) are read-only.
+            self._consumer = mmap.mmap(self.ring_fd, PAGE_SIZE)
+            self._producer = mmap.mmap(
+                self.ring_fd,
+                PAGE_SIZE + 2 * BPF_RING_BYTES,
+                prot=mmap.PROT_READ,
+                offset=PAGE_SIZE,
+            )
+        except OSError as err:
+            raise _translate_errno(err, "bpf(MAP_CREATE) of a hit ring") from err
+
+    def records(self) -> list[bytes]:
+        """Take every committed record out of the ring, oldest first."""
+        consumer, producer = self._consumer, self._producer
+        if consumer is None or producer is None:
+            return []
+        cons = struct.unpack_from("Q", consumer, 0)[0]
+        prod = struct.unpack_from("Q", producer, 0)[0]
+        out: list[bytes] = []
+        mask = BPF_RING_BYTES - 1
+        while cons < prod:
+            off = PAGE_SIZE + (cons & mask)
+            header = struct.unpack_from("I", producer, off)[0]
+            if header & _RINGBUF_BUSY:
+                break  # still being written; the rest comes at the next drain
+            size = header & ~(_RINGBUF_BUSY | _RINGBUF_DISCARD)
+            if not header & _RINGBUF_DISCARD:
+                out.append(producer[off + 8 : off + 8 + size])
+            cons += (size + 8 + 7) & ~7
+        struct.pack_into("Q", consumer, 0, cons)
+        return out
+
     def _load(self, program: Program) -> None:
-        code = program.encode(self.map_fd)
+        code = program.encode(self.map_fd, self.ring_fd)
         insns = ctypes.create_string_buffer(code, len(code))
         log = ctypes.create_string_buffer(_VERIFIER_LOG_SIZE)
         attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
@@ -1071,7 +1123,11 @@ class BpfFilter:
 
     def close(self) -> None:
         """Close the program and map fds (the kernel frees them with the last user). Idempotent."""
-        for name in ("prog_fd", "map_fd"):
+        for ring in (self._consumer, self._producer):
+            if ring is not None:
+                ring.close()
+        self._consumer = self._producer = None
+        for name in ("prog_fd", "map_fd", "ring_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)

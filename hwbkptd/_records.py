@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from hwbkptd._bpf import HITS_BASE, WORD_LAST_NEW, WORD_LAST_OLD
 from hwbkptd._cond import Condition
 from hwbkptd._model import Mode, Spec
 
@@ -73,22 +74,29 @@ class SigInfo(NamedTuple):
 
 
 # Words of a filter's state (Port.read_filter), as hwbkptd/_bpf.py lays out its map.
-FILTER_LAST_NEW = 1
-FILTER_LAST_OLD = 2
-FILTER_HITS = 4  # true hits of condition i at FILTER_HITS + i
+FILTER_LAST_NEW = WORD_LAST_NEW
+FILTER_LAST_OLD = WORD_LAST_OLD
+FILTER_HITS = HITS_BASE  # true hits of condition i at FILTER_HITS + i
 
 
 class Filter(NamedTuple):
     """What a slot's event is to let through: the conditions of its watches.
 
     ``conditions`` in counter order; ``always``: deliver every hit anyway (an unconditional
-    notify or stop watch shares the slot); ``hits``: each condition's true hits so far on
-    this thread (``hits`` in a condition goes on across a reopen).
+    stop watch shares the slot); ``hits``: each condition's true hits so far on this thread
+    (``hits`` in a condition goes on across a reopen); ``deliver[i]``: condition *i* true
+    delivers the hit (a stop watch); ``notify``: the conditions of notify watches, whose
+    true hits become hit records (``mask`` bit *k* for ``notify[k]``); ``notify_all``: every
+    hit becomes a record (an unconditional notify watch shares the slot). Hit records come
+    out of :meth:`Port.drain` as ``(tid, ip, time, new, old, mask)``.
     """
 
     conditions: tuple[Condition, ...]
     always: bool
     hits: tuple[int, ...]
+    deliver: tuple[bool, ...] = ()
+    notify: tuple[int, ...] = ()
+    notify_all: bool = False
 
 
 class Port(Protocol):
@@ -103,7 +111,7 @@ class Port(Protocol):
     def close_slot(self, handle: object) -> None: ...
     def read_count(self, handle: object) -> int: ...
     def read_filter(self, handle: object) -> tuple[int, ...]: ...
-    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]: ...
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, ...]], int, int]: ...
     def siginfo(self, tid: int) -> SigInfo: ...
     def eventmsg(self, tid: int) -> int: ...
     def cont(self, tid: int, sig: int) -> None: ...
@@ -194,7 +202,7 @@ class SlotRec:
     # A filtered slot: its conditional watches in counter order, whether every hit is
     # delivered anyway, and the counters as last read (Port.read_filter).
     filtered: tuple[WatchRec, ...] = ()
-    always: bool = False
+    flags: tuple[bool, bool] = (False, False)  # Filter.always, Filter.notify_all
     cond_last: list[int] = field(default_factory=list)
     values: tuple[int, int] | None = None  # (new, old) of the last hit the filter saw
 

@@ -305,11 +305,6 @@ class EngineBackend:
                 f"{p.method}: a condition needs a data watch (access w or rw): an execute "
                 "breakpoint has no value"
             )
-        if mode is Mode.NOTIFY:
-            raise InvalidArgumentError(
-                f"{p.method}: conditions on notify watches are not supported yet; use mode "
-                "stop or count"
-            )
         return parse_condition(text, spec.length)
 
     def _watch_region(self, client: ClientHandle, p: Params) -> dict[str, Any]:

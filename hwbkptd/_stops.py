@@ -81,6 +81,7 @@ class StopHandling:
     _port: Port
     _emit: Emit
     _park: bool
+    _bpf: bool
     _clock: Callable[[], int]
     _clients: dict[int, ClientRec]
     targets: dict[int, TargetRec]
@@ -288,13 +289,21 @@ class StopHandling:
             for watch in credited[spec]:
                 if watch.mode is Mode.STOP:
                     stops[watch.client].append(watch.id)
-                elif watch.mode is Mode.NOTIFY and (slot.mode is Mode.STOP or spec == uncounted):
+                elif (
+                    watch.mode is Mode.NOTIFY
+                    and (slot.mode is Mode.STOP or spec == uncounted)
+                    and not (self._bpf and slot.filtered)  # its filter writes hit records
+                ):
                     notifies[watch.client].append(watch.id)
         for cid in stepped:
             stops.setdefault(cid, [])
         interrupted = self._take_interrupts(thread)
         for cid in interrupted:
             stops.setdefault(cid, [])
+        # A filtered slot read the watched bytes at the hit: stop and hit events carry them,
+        # when one such slot was hit (two at once would leave "new" ambiguous).
+        values = [v for s in hit if thread.slots[s].filtered and (v := thread.slots[s].values)]
+        extra = {"new": values[0][0], "old": values[0][1]} if len(values) == 1 else {}
         if hit:
             self.counters["traps"] += 1
         # Registers are read once per trap, for notify hits and every stop event alike.
@@ -305,7 +314,10 @@ class StopHandling:
             self.counters["hits_notified"] += 1
             for cid, wids in notifies.items():
                 self._emit(
-                    cid, "hit", {"watches": wids, "tid": thread.tid, "ip": ip, "time": now}, True
+                    cid,
+                    "hit",
+                    {"watches": wids, "tid": thread.tid, "ip": ip, "time": now, **extra},
+                    True,
                 )
         dr6 = self.on_trap_hook(thread, hit, stepped) if self.on_trap_hook is not None else {}
         if not stops:
@@ -318,10 +330,6 @@ class StopHandling:
             cid: "step" if cid in stepped else "watch" if wids else "interrupt"
             for cid, wids in stops.items()
         }
-        # A filtered slot read the watched bytes at the hit: the stop carries them, when one
-        # such slot was hit (two at once would leave "new" ambiguous).
-        values = [v for s in hit if thread.slots[s].filtered and (v := thread.slots[s].values)]
-        extra = {"new": values[0][0], "old": values[0][1]} if len(values) == 1 else {}
         if self._park and thread.resume_sig == 0:
             # Move the thread to an interrupt stop before telling anyone (module docstring).
             thread.parked_events = [

@@ -37,6 +37,7 @@ import logging
 import os
 import select
 import signal
+import struct
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -45,7 +46,7 @@ import trio
 
 from hwbkpt_proto import BusyError, HwbkptError, NoSuchProcessError, PermissionDeniedError
 from hwbkptd import _kernel
-from hwbkptd._bpf import WORD_OLD, Emulator, generate
+from hwbkptd._bpf import WORD_DROPPED, WORD_OLD, Emulator, generate
 from hwbkptd._engine import Engine, SigInfo
 from hwbkptd._model import Mode, Spec
 from hwbkptd._records import FILTER_HITS, Filter
@@ -64,6 +65,9 @@ NOTIFY_WAKEUP = 512
 # the writers of full sockets) waiting.
 HOT_WAIT = 0.001
 HOT_BUDGET = 0.005
+
+
+_RECORD = struct.Struct("6Q")  # a filter's hit record (hwbkptd/_bpf.py RECORD_FIELDS)
 
 
 def _comm(pid: int) -> str:
@@ -123,13 +127,36 @@ class KernelPort:
                 old = 0
             init = {WORD_OLD: old, **{FILTER_HITS + i: n for i, n in enumerate(flt.hits)}}
             if self.bpf:
-                program = generate(spec.addr, spec.length, flt.conditions, flt.always)
+                program = generate(
+                    spec.addr,
+                    spec.length,
+                    flt.conditions,
+                    flt.always,
+                    deliver=flt.deliver,
+                    notify=flt.notify,
+                    notify_all=flt.notify_all,
+                )
                 bpf = _kernel.BpfFilter(program, init)
+        # A filter with notify watches writes its own hit records (with the values) to a BPF
+        # ring; the event then needs no perf ring of its own: it only has to run the program.
+        records = bpf is not None and bpf.ring_fd >= 0
         event = _kernel.BreakpointEvent(
-            tid, spec.addr, spec.length, spec.access, mode, token, wakeup=NOTIFY_WAKEUP, bpf=bpf
+            tid,
+            spec.addr,
+            spec.length,
+            spec.access,
+            Mode.COUNT if records and mode is Mode.NOTIFY else mode,
+            token,
+            wakeup=NOTIFY_WAKEUP,
+            bpf=bpf,
         )
         if flt is not None and bpf is None:
             self.emulators[event.fd] = (Emulator(flt.conditions, init), 0)
+        if bpf is not None and records:
+            self.notify[bpf.ring_fd] = event
+            self.tokens[bpf.ring_fd] = token
+            self.epoll.register(bpf.ring_fd, select.EPOLLIN)
+            return event
         if mode is Mode.NOTIFY:
             self.notify[event.fd] = event
             self.tokens[event.fd] = token
@@ -139,6 +166,10 @@ class KernelPort:
     def close_slot(self, handle: object) -> None:
         assert isinstance(handle, _kernel.BreakpointEvent)
         self.emulators.pop(handle.fd, None)
+        if handle.bpf is not None and handle.bpf.ring_fd in self.notify:
+            self.epoll.unregister(handle.bpf.ring_fd)
+            del self.notify[handle.bpf.ring_fd]
+            del self.tokens[handle.bpf.ring_fd]
         if handle.fd in self.notify:
             self.epoll.unregister(handle.fd)
             del self.notify[handle.fd]
@@ -164,8 +195,16 @@ class KernelPort:
             self.emulators[handle.fd] = (emulator, count)
         return tuple(emulator.words)
 
-    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]:
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, ...]], int, int]:
         assert isinstance(handle, _kernel.BreakpointEvent)
+        bpf = handle.bpf
+        if bpf is not None and bpf.ring_fd >= 0:
+            # Hit records of the filter: (tid, ip, time, new, old, mask); records the ring
+            # had no room for are counted by the program.
+            records: list[tuple[int, ...]] = [_RECORD.unpack(r) for r in bpf.records()]
+            dropped = bpf.words()[WORD_DROPPED]
+            lost, bpf.dropped_seen = dropped - bpf.dropped_seen, dropped
+            return records, lost, 0
         throttled = handle.throttled
         samples, lost = handle.drain()
         if final:

@@ -57,7 +57,7 @@ from hwbkpt_proto import (
     PermissionDeniedError,
 )
 from hwbkptd._alloc import CAPACITY
-from hwbkptd._cond import Env, evaluate
+from hwbkptd._bpf import HITS_BASE, Emulator
 from hwbkptd._engine import Engine
 from hwbkptd._model import Access, Mode, Spec
 from hwbkptd._records import (
@@ -106,7 +106,7 @@ class FakeEvent:
     token: int
     count: int = 0
     closed: bool = False
-    samples: list[tuple[int, int, int]] = field(
+    samples: list[tuple[int, ...]] = field(
         default_factory=list
     )  # notify ring: (tid, ip, time)
     lost: int = 0
@@ -114,18 +114,23 @@ class FakeEvent:
     # The filter program's map, as hwbkptd/_bpf.py lays it out (evaluated here in Python).
     words: list[int] = field(default_factory=list)
 
-    def passes(self, tid: int, value: int) -> bool:
-        """Run the filter for one hit that left ``value`` in the watched bytes."""
+    def passes(self, tid: int, value: int, ip: int) -> bool:
+        """Run the filter for one hit that left ``value`` in the watched bytes: count its
+        conditions, write its hit record (notify), say whether the hit is delivered."""
         if self.flt is None:
             return True
-        new, old = value & ((1 << (8 * self.spec.length)) - 1), self.words[0]
-        any_true = self.flt.always
-        for i, cond in enumerate(self.flt.conditions):
-            if evaluate(cond.op, Env(new=new, old=old, tid=tid, hits=self.words[4 + i])):
-                self.words[4 + i] += 1
-                any_true = True
-        self.words[0:4] = [new, new, old, self.words[3] + 1]
-        return any_true
+        flt = self.flt
+        emulator = Emulator(flt.conditions, {})
+        emulator.words = self.words
+        new = value & ((1 << (8 * self.spec.length)) - 1)
+        old = self.words[0]
+        before = list(self.words)
+        emulator.run(new, tid)
+        held = [self.words[w] > before[w] for w in range(HITS_BASE, len(before))]
+        mask = sum(1 << k for k, i in enumerate(flt.notify) if held[i])
+        if mask or flt.notify_all:
+            self.samples.append((tid, ip, 42, new, old, mask))
+        return flt.always or any(h and d for h, d in zip(held, flt.deliver, strict=True))
 
     def matches(self, addr: int, size: int, kind: str) -> bool:
         if self.closed:
@@ -246,9 +251,9 @@ class FakeKernel:
         for event in self.events:
             if event.tid == tid and event.matches(addr, size, kind):
                 event.count += 1
-                if not event.passes(tid, value):
+                if not event.passes(tid, value, t.regs["rip"]):
                     continue
-                if event.mode is Mode.NOTIFY:
+                if event.mode is Mode.NOTIFY and event.flt is None:
                     event.samples.append((tid, t.regs["rip"], 42))
                 if event.mode is Mode.STOP and stop_event is None:
                     stop_event = event
@@ -350,7 +355,7 @@ class FakeKernel:
             raise NoSpaceError(f"perf_event_open on {tid}: No space left on device")
         event = FakeEvent(tid, spec, mode, token, flt=flt)
         if flt is not None:
-            event.words = [0, 0, 0, 0, *flt.hits]
+            event.words = [0] * HITS_BASE + list(flt.hits)
         self.events.append(event)
         self.calls.append(("open", tid, spec, mode))
         return event
@@ -366,7 +371,7 @@ class FakeKernel:
     def read_filter(self, handle: object) -> tuple[int, ...]:
         return tuple(self._event(handle).words)
 
-    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]:
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, ...]], int, int]:
         event = self._event(handle)
         samples, event.samples = event.samples, []
         lost, event.lost = event.lost, 0

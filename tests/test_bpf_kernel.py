@@ -11,13 +11,23 @@ the condition is true, with ``new``, ``old``, ``tid`` and ``hits`` as the progra
 from __future__ import annotations
 
 import os
+import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hwbkptd import _kernel as k
-from hwbkptd._bpf import HITS_BASE, WORD_LAST_NEW, WORD_LAST_OLD, WORD_OLD, WORD_SEEN, generate
+from hwbkptd._bpf import (
+    HITS_BASE,
+    WORD_DROPPED,
+    WORD_LAST_NEW,
+    WORD_LAST_OLD,
+    WORD_OLD,
+    WORD_SEEN,
+    generate,
+)
 from hwbkptd._cond import Condition, Env, evaluate, parse
 from hwbkptd._model import Access, Mode
 from tests._progs import Target
@@ -49,10 +59,13 @@ def expected(conds: list[Condition], values: list[int], length: int, tid: int) -
     return hits
 
 
-def run(conds: list[Condition], values: list[int], length: int) -> tuple[tuple[int, ...], int]:
+def run(
+    conds: list[Condition], values: list[int], length: int, **kw: Any
+) -> tuple[tuple[int, ...], int, list[tuple[int, ...]]]:
     """Store ``values`` in a real program under a filtered count event.
 
-    Returns the map's words and the program's pid (its only thread's tid).
+    Returns the map's words, the program's pid (its only thread's tid) and the hit records
+    the program wrote (``kw`` goes to :func:`generate`).
     """
     proc = Target("condwriter", (str(length), *(f"{v:x}" for v in values)))
     event = None
@@ -60,13 +73,14 @@ def run(conds: list[Condition], values: list[int], length: int) -> tuple[tuple[i
         proc.read_info()
         addr = proc.info["addr"]
         assert isinstance(addr, int)
-        bpf = k.BpfFilter(generate(addr, length, conds, False), {WORD_OLD: 0})
+        bpf = k.BpfFilter(generate(addr, length, conds, False, **kw), {WORD_OLD: 0})
         event = k.BreakpointEvent(proc.pid, addr, length, Access.WRITE, Mode.COUNT, TOKEN, bpf=bpf)
         proc.go()
         assert proc.line() == "done"
         assert proc.wait() == 0
         assert event.read_count() == len(values)  # the event still counts every hit
-        return bpf.words(), proc.pid
+        records = [struct.unpack("6Q", r) for r in bpf.records()]
+        return bpf.words(), proc.pid, records
     finally:
         if event is not None:
             event.close()
@@ -86,12 +100,42 @@ def test_programs_agree_with_the_evaluator_on_real_hits(data: st.DataObject) -> 
         st.integers(0, top),
     )
     values = data.draw(st.lists(pool, min_size=1, max_size=40), label="values")
-    words, tid = run(conds, values, length)
+    words, tid, _ = run(conds, values, length)
     assert words[WORD_SEEN] == len(values)
     assert words[WORD_LAST_NEW] == values[-1] & top
     assert words[WORD_OLD] == values[-1] & top
     assert words[WORD_LAST_OLD] == (values[-2] & top if len(values) > 1 else 0)
     assert list(words[HITS_BASE:]) == expected(conds, values, length, tid)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_hit_records_agree_with_the_evaluator(data: st.DataObject) -> None:
+    """Notify records: one per hit where a notify condition held (or every hit with
+    ``notify_all``), with the thread, the values, which notify conditions held, an
+    instruction pointer and increasing times."""
+    length = data.draw(st.sampled_from([1, 2, 4, 8]), label="length")
+    texts = data.draw(st.lists(conditions(length), min_size=1, max_size=5), label="conditions")
+    conds = [parse(t, length) for t in texts]
+    notify = data.draw(st.lists(st.sampled_from(range(len(conds))), unique=True), label="notify")
+    notify_all = data.draw(st.booleans(), label="notify_all")
+    values = data.draw(st.lists(st.integers(0, 40), min_size=1, max_size=30), label="values")
+    words, tid, records = run(conds, values, length, notify=notify, notify_all=notify_all)
+    old, hits, want = 0, [0] * len(conds), []
+    for new in values:
+        mask = 0
+        for i, cond in enumerate(conds):
+            if evaluate(cond.op, Env(new=new, old=old, tid=tid, hits=hits[i])):
+                hits[i] += 1
+                if i in notify:
+                    mask |= 1 << notify.index(i)
+        if mask or notify_all:
+            want.append((tid, new, old, mask))
+        old = new
+    assert [(r[0], r[3], r[4], r[5]) for r in records] == want
+    assert all(r[1] != 0 for r in records)  # ip
+    assert [r[2] for r in records] == sorted(r[2] for r in records)  # time
+    assert words[WORD_DROPPED] == 0
 
 
 @settings(max_examples=300, deadline=None)
@@ -101,9 +145,15 @@ def test_the_verifier_accepts_every_program(data: st.DataObject) -> None:
     length = data.draw(st.sampled_from([1, 2, 4, 8]))
     texts = data.draw(st.lists(conditions(length, leaves=24), min_size=1, max_size=8))
     always = data.draw(st.booleans())
-    k.BpfFilter(
-        generate(0x7F0000001000, length, [parse(t, length) for t in texts], always), {}
-    ).close()
+    conds = [parse(t, length) for t in texts]
+    notify = data.draw(st.lists(st.sampled_from(range(len(conds))), unique=True))
+    deliver = data.draw(st.lists(st.booleans(), min_size=len(conds), max_size=len(conds)))
+    notify_all = data.draw(st.booleans())
+    program = generate(
+        0x7F0000001000, length, conds, always, deliver=deliver, notify=notify,
+        notify_all=notify_all,
+    )  # fmt: skip
+    k.BpfFilter(program, {}).close()
 
 
 def test_deepest_condition_loads() -> None:

@@ -163,3 +163,22 @@ def test_watch_if_bad_condition_one_line_exit_1(daemon: Daemon, target: Start) -
     assert len(err.splitlines()) == 1, err
     assert "column 7" in err
     assert "Traceback" not in err
+
+
+def test_watch_if_notify_lines_show_values_from_the_hit(daemon: Daemon, target: Start) -> None:
+    writer = target("writer", 40, "gate2")
+    proc = _start_watch(
+        daemon, str(writer.pid), "var", "--mode", "notify", "--if", "new & 7 == 0",
+        "--duration", str(DURATION),
+    )  # fmt: skip
+    try:
+        _wait_for_slot(daemon, writer.pid)
+        writer.go()
+        assert writer.line().startswith("done var=40")
+    finally:
+        rc, out, err = _finish(proc)
+    assert rc == 0, err
+    hits = [line for line in out.splitlines() if " hit " in line]
+    assert [line.rsplit(" ", 2)[1:] for line in hits] == [
+        [f"old={v - 1:#x}", f"new={v:#x}"] for v in (8, 16, 24, 32, 40)
+    ], out

@@ -7,6 +7,8 @@ The target stores 0, 1, ..., 19,999 to one 8-byte variable (tests/progs/condwrit
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -135,8 +137,6 @@ def test_bad_conditions_are_einval(target: Start, connect: Callable[[str], Conn]
         c.watch(proc.pid, addr, mode="stop", condition="new === 3")
     with pytest.raises(hwbkpt.InvalidArgumentError, match="one of new, old"):
         c.watch(proc.pid, addr, mode="count", condition="value == 3")
-    with pytest.raises(hwbkpt.InvalidArgumentError, match="notify"):
-        c.watch(proc.pid, addr, mode="notify", condition="new == 3")
     with pytest.raises(hwbkpt.InvalidArgumentError, match="execute"):
         c.watch(proc.pid, addr, length=1, access="x", mode="stop", condition="new == 3")
     with pytest.raises(hwbkpt.InvalidArgumentError, match="string"):
@@ -144,5 +144,92 @@ def test_bad_conditions_are_einval(target: Start, connect: Callable[[str], Conn]
     assert c.watches() == []
     proc.go()
     assert proc.line() == "done"
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0
+
+
+def collect(conn: Conn, n: int, timeout: float = 60) -> tuple[list[hwbkpt.Event], int]:
+    """``hit`` events (and the count of lost ones) until ``n`` came, then quiet."""
+    hits: list[hwbkpt.Event] = []
+    lost = 0
+    deadline = time.monotonic() + timeout
+    while len(hits) + lost < n and time.monotonic() < deadline:
+        event = conn.client.next_event(timeout=0.5)
+        if event is None:
+            continue
+        if event.kind == "hit":
+            hits.append(event)
+        elif event.kind == "lost":
+            lost += event.count
+    for event in conn.poll():
+        if event.kind == "hit":
+            hits.append(event)
+    return hits, lost
+
+
+def read_while_writing(
+    proc: Target, wanted: dict[str, tuple[Conn, int]]
+) -> dict[str, tuple[list[hwbkpt.Event], int]]:
+    """Release the program; each client reads its stream in a thread of its own meanwhile
+    (a client that does not read loses events once its queue is full, by design)."""
+    streams: dict[str, tuple[list[hwbkpt.Event], int]] = {}
+    readers = [
+        threading.Thread(target=lambda k=k, c=c, n=n: streams.__setitem__(k, collect(c, n)))
+        for k, (c, n) in wanted.items()
+    ]
+    for reader in readers:
+        reader.start()
+    proc.go()
+    assert proc.line(timeout=60) == "done"
+    for reader in readers:
+        reader.join(90)
+    return streams
+
+
+@pytest.mark.timeout(240)
+def test_notify_streams_only_true_hits_with_values(
+    target: Start, connect: Callable[[str], Conn], path: str
+) -> None:
+    proc = target("condwriter", "seq", N)
+    addr = info_int(proc, "addr")
+    last, sparse = connect("last"), connect("sparse")
+    w_last = last.watch(proc.pid, addr, mode="notify", condition="new >= 19990")
+    w_sparse = sparse.watch(proc.pid, addr, mode="notify", condition="new & 255 == 0")
+    w_count = sparse.watch(proc.pid, addr, mode="count")
+    slots, _ = slots_of(last, proc.pid, proc.pid)
+    assert len(slots) == 1
+    assert slots[0]["conditions"] == path
+    streams = read_while_writing(proc, {"last": (last, 10), "sparse": (sparse, 79)})
+    hits, lost = streams["last"]
+    assert lost == 0
+    assert [(e.get("new"), e.get("old")) for e in hits] == [(v, v - 1) for v in range(19990, N)]
+    assert all(e.watches == [w_last.id] and e.tid == proc.pid for e in hits)
+    hits, lost = streams["sparse"]
+    assert lost == 0
+    assert [e.get("new") for e in hits] == list(range(0, N, 256))
+    assert [e.get("old") for e in hits] == [0] + [v - 1 for v in range(256, N, 256)]
+    assert w_last.count() == 10
+    assert w_sparse.count() == 79
+    assert w_count.count() == N
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.timeout(240)
+def test_notify_every_change_at_full_speed(
+    target: Start, connect: Callable[[str], Conn], path: str
+) -> None:
+    """19,999 changes, each a hit event with its values or counted as lost: never more,
+    never fewer (losses happen only if the daemon cannot keep up, and are reported)."""
+    proc = target("condwriter", "seq", N)
+    addr = info_int(proc, "addr")
+    c = connect("changes")
+    w = c.watch(proc.pid, addr, mode="notify", condition="changed")
+    hits, lost = read_while_writing(proc, {"changes": (c, N - 1)})["changes"]
+    assert len(hits) + lost == N - 1
+    assert lost <= (N - 1) // 100, f"{lost} of {N - 1} lost"
+    assert all(e.get("new") == e.get("old") + 1 for e in hits)
+    assert [e.get("new") for e in hits] == sorted(e.get("new") for e in hits)
+    assert w.count() == N - 1
     proc.go()
     assert proc.wait(TIMEOUT) == 0

@@ -112,3 +112,39 @@ def test_ptrace_path_opens_filtered_slots_in_stop_mode() -> None:
         h.settle()
         assert [k for k, _ in h.take(1) if k == "stop"] == []
     assert h.engine.count(1, w.id) == 1
+
+
+def test_notify_records_go_to_the_watches_they_matched() -> None:
+    h = Harness(park=False)
+    [tid] = h.kernel.spawn(PID, 1)
+    for cid in (1, 2, 3):
+        h.engine.add_client(cid)
+    even = h.engine.watch(1, PID, X, Mode.NOTIFY, condition=parse("new & 1 == 0", 8))
+    big = h.engine.watch(2, PID, X, Mode.NOTIFY, condition=parse("new >= 3", 8))
+    every = h.engine.watch(3, PID, X, Mode.NOTIFY)
+    h.settle()
+    [event] = h.kernel.open_events(tid)
+    assert event.flt is not None
+    assert event.flt.notify == (0, 1)
+    assert event.flt.notify_all
+    for cid in (1, 2, 3):
+        h.take(cid)
+    for value in range(5):
+        h.kernel.hit(tid, X.addr, 8, "w", value=value)
+    h.engine.on_samples(event.token, *h.kernel.drain(event, False)[:2])
+
+    def got(cid: int) -> list[tuple[int, int]]:
+        out = []
+        for kind, f in h.take(cid):
+            if kind == "hit":
+                out.append((f["new"], f["old"]))
+            elif kind == "hits":
+                out += list(zip(f["new"], f["old"], strict=True))
+        return out
+
+    assert got(1) == [(0, 0), (2, 1), (4, 3)]
+    assert got(2) == [(3, 2), (4, 3)]
+    assert got(3) == [(0, 0), (1, 0), (2, 1), (3, 2), (4, 3)]
+    assert h.engine.count(1, even.id) == 3
+    assert h.engine.count(2, big.id) == 2
+    assert h.engine.count(3, every.id) == 5

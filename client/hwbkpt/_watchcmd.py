@@ -72,8 +72,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=("count", "notify", "stop"),
         default=None,
-        help="notify (default): print each hit; stop (default with --if): stop the thread "
-        "at each hit, print old/new values, resume; count: print only the total",
+        help="notify (default): print each hit (with old/new values when --if is given); "
+        "stop (default with --if): stop the thread at each hit, print old/new values, "
+        "resume; count: print only the total",
     )
     parser.add_argument(
         "--if",
@@ -229,7 +230,7 @@ def _record(event: Event, ids: set[int], what: str, printer: _Printer) -> dict[s
         if event.kind == "hit" and not ids.intersection(event.watches):
             return None
         ip = event.ip if event.kind == "hit" else event.regs["rip"]
-        return {
+        record = {
             "event": event.kind,
             "wall": wall,
             "tid": event.tid,
@@ -238,6 +239,9 @@ def _record(event: Event, ids: set[int], what: str, printer: _Printer) -> dict[s
             "what": what,
             "watches": list(event.watches),
         }
+        if event.get("new") is not None:  # read in the kernel at the hit (--if)
+            record["old"], record["new"] = event.get("old"), event.get("new")
+        return record
     if event.kind == "lost":
         record = {"event": "lost", "wall": wall, "count": event.count}
         for name in ("where", "tid"):
