@@ -412,19 +412,24 @@ class Engine(StopHandling):
         """
         conditional = [w for w in slot.filtered if w.mode is Mode.NOTIFY]
         plain = [w for w in slot.watches if w.mode is Mode.NOTIFY and w.condition is None]
+        # Who gets a record depends on its mask only: route each mask once per batch.
+        routes: dict[int, list[tuple[int, list[int]]]] = {}
         runs: dict[int, list[tuple[list[int], list[tuple[int, ...]]]]] = defaultdict(list)
         for record in records:
             mask = record[5]
-            matched = list(plain)
-            for k, watch in enumerate(conditional):
-                if mask >> k & 1 and watch in slot.watches:
-                    matched.append(watch)
-            by_client: dict[int, list[int]] = defaultdict(list)
-            for watch in matched:
-                by_client[watch.client].append(watch.id)
-            for cid, wids in by_client.items():
+            route = routes.get(mask)
+            if route is None:
+                matched = list(plain)
+                for k, watch in enumerate(conditional):
+                    if mask >> k & 1 and watch in slot.watches:
+                        matched.append(watch)
+                by_client: dict[int, list[int]] = defaultdict(list)
+                for watch in matched:
+                    by_client[watch.client].append(watch.id)
+                route = routes[mask] = list(by_client.items())
+            for cid, wids in route:
                 mine = runs[cid]
-                if mine and mine[-1][0] == wids:
+                if mine and mine[-1][0] is wids:
                     mine[-1][1].append(record)
                 else:
                     mine.append((wids, [record]))

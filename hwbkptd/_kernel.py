@@ -85,7 +85,7 @@ from hwbkpt_proto._errors import (
     NoSuchProcessError,
     PermissionDeniedError,
 )
-from hwbkptd._bpf import Program
+from hwbkptd._bpf import RECORD_SIZE, Program
 from hwbkptd._model import Access, Mode
 
 __all__ = [
@@ -963,6 +963,7 @@ BPF_MAP_TYPE_RINGBUF: Final = 27
 BPF_RING_BYTES: Final = 1 << 18
 _RINGBUF_BUSY: Final = 1 << 31
 _RINGBUF_DISCARD: Final = 1 << 30
+_HIT_CHUNK: Final = struct.Struct(f"II{RECORD_SIZE // 8}Q")  # header + one hit record
 BPF_PROG_TYPE_PERF_EVENT: Final = 7
 PERF_EVENT_IOC_ENABLE: Final = 0x2400  # _IO('$', 0)
 PERF_EVENT_IOC_SET_BPF: Final = 0x40042408  # _IOW('$', 8, __u32)
@@ -1044,24 +1045,30 @@ class BpfFilter:
         except OSError as err:
             raise _translate_errno(err, "bpf(MAP_CREATE) of a hit ring") from err
 
-    def records(self) -> list[bytes]:
-        """Take every committed record out of the ring, oldest first."""
+    def hit_records(self) -> list[tuple[int, ...]]:
+        """Take every committed hit record out of the ring, oldest first, as the six u64
+        words of hwbkptd/_bpf.py's RECORD_FIELDS.
+
+        Every record the program writes has the same size, and the data pages are mapped
+        twice in a row, so the committed ones are one contiguous run of fixed-size chunks
+        (8-byte header, then the record): one ``iter_unpack`` instead of a slice each.
+        """
         consumer, producer = self._consumer, self._producer
         if consumer is None or producer is None:
             return []
         cons = struct.unpack_from("Q", consumer, 0)[0]
         prod = struct.unpack_from("Q", producer, 0)[0]
-        out: list[bytes] = []
-        mask = BPF_RING_BYTES - 1
-        while cons < prod:
-            off = PAGE_SIZE + (cons & mask)
-            header = struct.unpack_from("I", producer, off)[0]
-            if header & _RINGBUF_BUSY:
-                break  # still being written; the rest comes at the next drain
-            size = header & ~(_RINGBUF_BUSY | _RINGBUF_DISCARD)
+        if cons >= prod:
+            return []
+        off = PAGE_SIZE + (cons & (BPF_RING_BYTES - 1))
+        chunk = _HIT_CHUNK.size
+        out: list[tuple[int, ...]] = []
+        for header, _pg_off, *words in _HIT_CHUNK.iter_unpack(producer[off : off + prod - cons]):
+            if header & _RINGBUF_BUSY or header & ~_RINGBUF_DISCARD != RECORD_SIZE:
+                break  # still being written (or not a hit record): take it next time
+            cons += chunk
             if not header & _RINGBUF_DISCARD:
-                out.append(producer[off + 8 : off + 8 + size])
-            cons += (size + 8 + 7) & ~7
+                out.append(tuple(words))
         struct.pack_into("Q", consumer, 0, cons)
         return out
 

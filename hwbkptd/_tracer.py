@@ -37,7 +37,6 @@ import logging
 import os
 import select
 import signal
-import struct
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -65,9 +64,6 @@ NOTIFY_WAKEUP = 512
 # the writers of full sockets) waiting.
 HOT_WAIT = 0.001
 HOT_BUDGET = 0.005
-
-
-_RECORD = struct.Struct("6Q")  # a filter's hit record (hwbkptd/_bpf.py RECORD_FIELDS)
 
 
 def _comm(pid: int) -> str:
@@ -201,7 +197,7 @@ class KernelPort:
         if bpf is not None and bpf.ring_fd >= 0:
             # Hit records of the filter: (tid, ip, time, new, old, mask); records the ring
             # had no room for are counted by the program.
-            records: list[tuple[int, ...]] = [_RECORD.unpack(r) for r in bpf.records()]
+            records = bpf.hit_records()
             dropped = bpf.words()[WORD_DROPPED]
             lost, bpf.dropped_seen = dropped - bpf.dropped_seen, dropped
             return records, lost, 0

@@ -11,7 +11,6 @@ the condition is true, with ``new``, ``old``, ``tid`` and ``hits`` as the progra
 from __future__ import annotations
 
 import os
-import struct
 from typing import Any
 
 import pytest
@@ -79,7 +78,7 @@ def run(
         assert proc.line() == "done"
         assert proc.wait() == 0
         assert event.read_count() == len(values)  # the event still counts every hit
-        records = [struct.unpack("6Q", r) for r in bpf.records()]
+        records = bpf.hit_records()
         return bpf.words(), proc.pid, records
     finally:
         if event is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from hwbkpt_proto import LimitExceededError
 from hwbkptd._cond import parse
+from hwbkptd._engine import MAX_NOTIFY_CONDITIONS
 from hwbkptd._model import Access, Mode, Spec
 from tests.fakes import Harness
 
@@ -148,3 +150,14 @@ def test_notify_records_go_to_the_watches_they_matched() -> None:
     assert h.engine.count(1, even.id) == 3
     assert h.engine.count(2, big.id) == 2
     assert h.engine.count(3, every.id) == 5
+
+
+def test_a_65th_notify_condition_on_one_address_is_elimit() -> None:
+    h = Harness(park=False)
+    h.kernel.spawn(PID, 1)
+    h.engine.add_client(1)
+    for _ in range(MAX_NOTIFY_CONDITIONS):
+        h.engine.watch(1, PID, X, Mode.NOTIFY, condition=parse("new == 1", 8))
+    with pytest.raises(LimitExceededError, match="at most 64"):
+        h.engine.watch(1, PID, X, Mode.NOTIFY, condition=parse("new == 1", 8))
+    h.engine.watch(1, PID, X, Mode.STOP, condition=parse("new == 1", 8))  # others are fine
