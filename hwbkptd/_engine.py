@@ -817,8 +817,11 @@ class Engine(StopHandling):
                 if watch.condition is None:
                     watch.count += delta
                     credited.append(watch)
-            if slot.filtered:
-                self._refresh_filter(slot, credited)
+        if slot.filtered:
+            # Read even when the event's counter did not move: the kernel counts the hit
+            # before the program runs (perf_swevent_event, then the overflow handler), so a
+            # read on another CPU in between saw the count but not yet the program's work.
+            self._refresh_filter(slot, credited)
         return credited
 
     def _refresh_filter(self, slot: SlotRec, credited: list[WatchRec]) -> None:

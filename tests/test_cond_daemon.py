@@ -239,19 +239,23 @@ def test_notify_every_change_at_full_speed(
 def test_process_scope_each_thread_has_its_own_program(
     target: Start, connect: Callable[[str], Conn], path: str
 ) -> None:
-    """New threads get the condition too; ``hits`` and ``old`` are per thread, so each of
-    the 8 threads writing 1..n counts exactly its first 5 values of at most 10."""
+    """New threads get the condition too, and ``hits`` is per thread: each of 8 threads
+    counts exactly its first 5 stores. (Not ``new``: the threads store to one variable at
+    once, so the value read at a hit may already be another thread's.) A second condition
+    on a thread id joins while the threads exist: every thread's program is replaced."""
     t, n = 8, 1000
     proc = target("tgate", t, n)
     c = connect("threads")
-    w = c.watch(proc.pid, info_int(proc, "addr"), mode="count", condition="new <= 10 and hits < 5")
+    w = c.watch(proc.pid, info_int(proc, "addr"), mode="count", condition="hits < 5")
     proc.go()
     tids = sorted(int(proc.line().split()[0].split("=")[1]) for _ in range(t))
     assert proc.line() == "ready"
     threads = c.watches()[0]["threads"]
     assert all(threads[tid] == "installed" for tid in tids)
+    one = c.watch(proc.pid, info_int(proc, "addr"), mode="count", condition=f"tid == {tids[3]}")
     proc.go()
     assert proc.line(timeout=60) == f"done var={n}"
     assert w.count() == 5 * t
+    assert one.count() == n
     proc.go()
     assert proc.wait(TIMEOUT) == 0
