@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import trio
 
 import hwbkpt
 from hwbkptd import _kernel
@@ -258,5 +259,34 @@ def test_process_scope_each_thread_has_its_own_program(
     assert proc.line(timeout=60) == f"done var={n}"
     assert w.count() == 5 * t
     assert one.count() == n
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_trio_client_watch_region_with_a_condition(
+    target: Start, daemon_factory: Callable[..., Daemon]
+) -> None:
+    """The trio client's ``watch_region``: a 16-byte region is two 8-byte pieces, each
+    evaluating the condition on its own bytes; only the first piece is ever written."""
+    d = daemon_factory()
+    proc = target("condwriter", "seq", 2000)
+    addr = info_int(proc, "addr")
+    with trio.fail_after(90):
+        async with hwbkpt.AsyncClient(d.socket) as c:
+            first, second = await c.watch_region(
+                proc.pid, addr, 16, mode="stop", condition="new == 1500 or new == 1999"
+            )
+            assert first.condition == "new == 1500 or new == 1999"
+            proc.go()
+            for value in (1500, 1999):
+                event = await c.next_event()
+                assert event.kind == "stop"
+                assert event.watches == [first.id]
+                assert (event.get("new"), event.get("old")) == (value, value - 1)
+                await c.resume(event.tid)
+            assert await trio.to_thread.run_sync(proc.line) == "done"
+            assert await first.count() == 2
+            assert await second.count() == 0
     proc.go()
     assert proc.wait(TIMEOUT) == 0
