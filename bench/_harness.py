@@ -43,7 +43,7 @@ from bench._procs import (
 
 REFS = ["target", "count_ref", "notify_ref", "stop_ref", "threads_target", "threads_ref",
         "mem_ref", "rpc_ref"]
-SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory"]
+SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory", "cond"]
 DEFAULT_JSON = HERE / "results" / "latest.json"
 PY = sys.executable
 
@@ -101,11 +101,12 @@ def failed(err: str) -> dict[str, Any]:
 class Daemon:
     """The daemon under test: started once, SIGTERMed at the end, always."""
 
-    def __init__(self, stack: ExitStack, enabled: bool) -> None:
+    def __init__(self, stack: ExitStack, enabled: bool, args: tuple[str, ...] = ()) -> None:
+        self.args = args  # extra command-line arguments (e.g. --no-bpf)
         self.proc: Proc | None = None
         self.error: str | None = None
         self.tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hwbkbench-")))
-        self.socket = str(self.tmp / "bench.sock")
+        self.socket = str(self.tmp / ("bench.sock" if not args else "bench2.sock"))
         if not enabled:
             self.error = "not started (--no-daemon)"
             return
@@ -118,8 +119,8 @@ class Daemon:
 
     def _start(self) -> None:
         self.proc = Proc([PY, "-m", "hwbkptd._main", "--socket", self.socket,
-                          "--log-level", "warning"], name="hwbkptd", term_first=True,
-                         stdin=False)
+                          "--log-level", "warning", *self.args], name="hwbkptd",
+                         term_first=True, stdin=False)
         deadline = time.monotonic() + 20
         last = "socket never appeared"
         while time.monotonic() < deadline:
@@ -281,6 +282,12 @@ class Bench:
         if got != n:
             raise BenchError(f"count() said {got}, the target wrote {n} times")
         return ns
+
+    # -- 7. conditions (bench/_condbench.py)
+    def cond(self) -> dict[str, Any]:
+        from bench import _condbench
+
+        return _condbench.run(self)
 
     # -- 2. notify
     def notify(self) -> dict[str, Any]:
@@ -659,6 +666,10 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                 s["ratio"]["new_thread_extra_us"], ""
             yield name, "new thread: start, no watch", \
                 s["reference"]["spawn_baseline_us"], None, None, ""
+        elif name == "cond":
+            from bench import _condbench
+
+            yield from _condbench.rows(s)
         elif name == "memory":
             p = s["params"]
             yield name, f"RSS, {p['clients']}x{p['watches_per_client']} watches, " \

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import mmap
 import os
@@ -91,6 +92,7 @@ from hwbkpt_proto._errors import (
     NoSuchProcessError,
     PermissionDeniedError,
 )
+from hwbkptd._bpf import RECORD_SIZE, Program
 from hwbkptd._model import Access, Mode
 
 __all__ = [
@@ -105,6 +107,7 @@ __all__ = [
     "TRAP_HWBKPT",
     "TRAP_PERF",
     "TRAP_TRACE",
+    "BpfFilter",
     "BreakpointEvent",
     "ChildSignals",
     "EventStop",
@@ -115,14 +118,17 @@ __all__ = [
     "SigInfo",
     "SignalStop",
     "WaitEvent",
+    "bpf_available",
     "cont",
     "decode_status",
     "detach",
     "effective_caps",
+    "exit_state",
     "forget_memory",
     "geteventmsg",
     "getregs",
     "getsiginfo",
+    "gone_message",
     "interrupt",
     "listen",
     "peekuser",
@@ -189,6 +195,7 @@ PERF_RECORD_THROTTLE: Final = 5
 PERF_RECORD_UNTHROTTLE: Final = 6
 PERF_RECORD_SAMPLE: Final = 9
 # perf_event_attr flag bits (the bitfield word at offset 40)
+_ATTR_DISABLED: Final = 1 << 0
 _ATTR_EXCLUDE_KERNEL: Final = 1 << 5
 _ATTR_EXCLUDE_HV: Final = 1 << 6
 _ATTR_WATERMARK: Final = 1 << 14
@@ -243,26 +250,96 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _translate_errno(err: OSError, what: str, *, memory: bool = False) -> HwbkptError:
-    """Map an OSError from a syscall into the project's exception for it."""
+def exit_state(n: int) -> str | None:
+    """How process or thread ``n`` has ended, from ``/proc/N/stat`` (field 3, the state):
+    ``"missing"`` (no such id: it never existed, or it was reaped), ``"zombie"`` (state
+    ``Z``: it exited and its parent has not reaped it yet; ``X``, dead, is treated alike),
+    or ``None`` while it lives."""
+    try:
+        with open(f"/proc/{n}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return "missing"
+    # field 2 (comm) may contain spaces and parentheses: the state follows the last ')'.
+    end = stat.rfind(b")")
+    state = stat[end + 2 : end + 3] if end >= 0 else b""
+    return "zombie" if state in (b"Z", b"X") else None
+
+
+def gone_message(n: int, noun: str = "process") -> str | None:
+    """Why process or thread ``n`` (``noun``) cannot be acted on because it is not there,
+    in the user's terms; ``None`` if it is alive. A zombie thread that leads its thread
+    group is named as the process it is; one whose process has other threads left is the
+    main thread that exited before them (it cannot be traced, they still can)."""
+    state = exit_state(n)
+    if state is None:
+        return None
+    if state == "missing":
+        return f"{noun} {n} does not exist"
+    try:
+        status = _status_fields(f"/proc/{n}/status")
+        leader = int(status["Tgid"]) == n
+        others = int(status.get("Threads", "1")) > 1
+    except (OSError, KeyError, ValueError):
+        leader, others = noun == "process", False
+    if leader and others:
+        return (
+            f"the main thread of process {n} has exited while other threads of it run; "
+            "a zombie thread cannot be traced: watch one of the others by tid"
+        )
+    return f"{'process' if leader else noun} {n} has exited (zombie, not yet reaped by its parent)"
+
+
+def _translate_errno(
+    err: OSError, what: str, *, memory: bool = False, who: tuple[str, int] | None = None
+) -> HwbkptError:
+    """Map an OSError from a syscall into the project's exception for it, with a message in
+    the user's terms: ``what`` says what the daemon was doing ("attach to thread 812");
+    ``who`` — ``("process", pid)`` or ``("thread", tid)`` — is what the call was about, so
+    that a failure because it does not exist or has exited says exactly that.
+
+    ``PTRACE_SEIZE`` of a zombie (exited, not yet reaped) answers EPERM, not ESRCH
+    (kernel/ptrace.c, ``ptrace_attach``: ``retval = -EPERM`` stands when ``task->exit_state``
+    is set; measured by tests/test_zombie.py): an EPERM about a process that has exited is
+    therefore a NoSuchProcessError.
+    """
     code = err.errno if err.errno is not None else 0
     reason = os.strerror(code) if code else str(err)
     if memory and code in (errno.EIO, errno.EFAULT):
         # /proc/PID/mem answers EIO (and the kernel EFAULT) for an address that is not
         # mapped or not accessible: a bad argument from the client, not a register error.
-        return InvalidArgumentError(f"{what}: address range not mapped in the target ({reason})")
+        return InvalidArgumentError(
+            f"cannot {what}: the address range is not mapped in the process ({reason})"
+        )
     cls = _ERRNO_CLASS.get(code, InternalError)
+    if cls in (NoSuchProcessError, PermissionDeniedError) and who is not None:
+        gone = gone_message(who[1], who[0])
+        if gone is not None:
+            return NoSuchProcessError(gone)
     if cls is NoSuchProcessError:
-        return cls(f"{what}: no such process or thread (it has exited?)")
+        if who is not None:
+            # It exists, but ptrace says ESRCH: it is not (or no longer) stopped under the
+            # daemon (man 2 ptrace, ERRORS).
+            return cls(f"cannot {what}: {who[0]} {who[1]} is not stopped under the daemon")
+        return cls(f"cannot {what}: the process has exited")
     if cls is NoSpaceError:
-        return cls(f"{what}: all hardware breakpoint slots of the thread are in use")
+        return cls(f"cannot {what}: all hardware breakpoint slots of the thread are in use")
     if cls is PermissionDeniedError:
-        return cls(f"{what}: permission denied ({reason}); is it traced by someone else?")
-    return cls(f"{what}: {reason}")
+        return cls(
+            f"cannot {what}: the kernel refused ({reason}); is it traced by someone else?"
+        )
+    return cls(f"cannot {what}: {reason}")
 
 
-def _oserrors(what: str, *, memory: bool = False) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Decorator: translate OSError raised by the call (``raise … from err``)."""
+def _oserrors(
+    what: str, *, who: str | None = None, memory: bool = False
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorator: translate OSError raised by the call (``raise … from err``).
+
+    ``what`` is a format string over the call's positional arguments saying in the user's
+    terms what was being done (``"attach to thread {0}"``); ``who`` (``"process"`` or
+    ``"thread"``) says that the first argument is a pid or a tid (see _translate_errno).
+    """
 
     def decorate(func: Callable[_P, _R]) -> Callable[_P, _R]:
         @functools.wraps(func)
@@ -270,16 +347,19 @@ def _oserrors(what: str, *, memory: bool = False) -> Callable[[Callable[_P, _R]]
             try:
                 return func(*args, **kwargs)
             except OSError as err:
-                where = ", ".join(str(a) for a in args)
-                raise _translate_errno(err, f"{what}({where})", memory=memory) from err
+                doing = what.format(*args)
+                about = (who, args[0]) if who is not None and type(args[0]) is int else None
+                raise _translate_errno(err, doing, memory=memory, who=about) from err
             except psutil.NoSuchProcess as err:  # also ZombieProcess, its subclass
-                where = ", ".join(str(a) for a in args)
-                raise NoSuchProcessError(
-                    f"{what}({where}): no such process or thread (it has exited?)"
-                ) from err
+                doing = what.format(*args)
+                gone = None
+                if who is not None and type(args[0]) is int:
+                    gone = gone_message(args[0], who)
+                raise NoSuchProcessError(gone or f"cannot {doing}: it has exited") from err
             except psutil.AccessDenied as err:
-                where = ", ".join(str(a) for a in args)
-                raise PermissionDeniedError(f"{what}({where}): permission denied") from err
+                raise PermissionDeniedError(
+                    f"cannot {what.format(*args)}: permission denied"
+                ) from err
 
         return wrapper
 
@@ -313,7 +393,7 @@ def _raw_ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     return result
 
 
-@_oserrors("ptrace(SEIZE)")
+@_oserrors("attach to thread {0}", who="thread")
 def seize(tid: int) -> None:
     """Seize one thread with :data:`TRACE_OPTIONS` (it keeps running).
 
@@ -322,13 +402,13 @@ def seize(tid: int) -> None:
     _raw_ptrace(PTRACE_SEIZE, tid, 0, TRACE_OPTIONS)
 
 
-@_oserrors("ptrace(INTERRUPT)")
+@_oserrors("interrupt thread {0}", who="thread")
 def interrupt(tid: int) -> None:
     """Ask a seized thread to enter a ``PTRACE_EVENT_STOP``. Raises NoSuchProcessError."""
     _raw_ptrace(PTRACE_INTERRUPT, tid)
 
 
-@_oserrors("ptrace(LISTEN)")
+@_oserrors("keep thread {0} in its job-control stop", who="thread")
 def listen(tid: int) -> None:
     """Leave a thread in its group-stop but let it be woken by SIGCONT (man ptrace).
 
@@ -338,19 +418,19 @@ def listen(tid: int) -> None:
     _raw_ptrace(PTRACE_LISTEN, tid)
 
 
-@_oserrors("ptrace(CONT)")
+@_oserrors("resume thread {0}", who="thread")
 def cont(tid: int, sig: int = 0) -> None:
     """Resume a stopped thread, delivering ``sig`` (0: none). Raises NoSuchProcessError."""
     _raw_ptrace(PTRACE_CONT, tid, 0, sig)
 
 
-@_oserrors("ptrace(SINGLESTEP)")
+@_oserrors("single-step thread {0}", who="thread")
 def singlestep(tid: int, sig: int = 0) -> None:
     """Run one instruction of a stopped thread (then SIGTRAP, TRAP_TRACE). Raises ESRCH."""
     _raw_ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
 
 
-@_oserrors("ptrace(DETACH)")
+@_oserrors("detach from thread {0}", who="thread")
 def detach(tid: int, sig: int = 0) -> None:
     """Detach a stopped thread, delivering ``sig``; closes a cached /proc/TID/mem fd.
 
@@ -390,7 +470,7 @@ _siginfo_buf = ctypes.create_string_buffer(_SIGINFO_SIZE)
 _SIGINFO_STRUCT: Final = struct.Struct("=iii4xQQII")
 
 
-@_oserrors("ptrace(GETSIGINFO)")
+@_oserrors("read the signal that stopped thread {0}", who="thread")
 def getsiginfo(tid: int) -> SigInfo:
     """The siginfo of the signal that stopped ``tid``. Raises NoSuchProcessError,
     InvalidArgumentError (the stop is not a signal stop)."""
@@ -406,7 +486,7 @@ def getsiginfo(tid: int) -> SigInfo:
 _eventmsg = ctypes.c_ulong()
 
 
-@_oserrors("ptrace(GETEVENTMSG)")
+@_oserrors("read the ptrace event of thread {0}", who="thread")
 def geteventmsg(tid: int) -> int:
     """The message of the last ptrace event (new tid for CLONE, exit status for EXIT,
     former tid for EXEC)."""
@@ -418,7 +498,7 @@ _regs_buf = (ctypes.c_ulong * len(REGISTER_NAMES))()
 _REGS_STRUCT: Final = struct.Struct(f"{len(REGISTER_NAMES)}Q")
 
 
-@_oserrors("ptrace(GETREGS)")
+@_oserrors("read the registers of thread {0}", who="thread")
 def getregs(tid: int) -> dict[str, int]:
     """The general registers of a stopped thread by ``user_regs_struct`` name."""
     _raw_ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(_regs_buf))
@@ -426,7 +506,7 @@ def getregs(tid: int) -> dict[str, int]:
     return dict(zip(REGISTER_NAMES, _REGS_STRUCT.unpack(_regs_buf), strict=True))
 
 
-@_oserrors("ptrace(SETREGS)")
+@_oserrors("write the registers of thread {0}", who="thread")
 def setregs(tid: int, regs: Mapping[str, int]) -> None:
     """Set the named registers of a stopped thread; the others keep their values.
 
@@ -445,13 +525,13 @@ def setregs(tid: int, regs: Mapping[str, int]) -> None:
     _raw_ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(_regs_buf))
 
 
-@_oserrors("ptrace(PEEKUSER)")
+@_oserrors("read offset {1} of struct user of thread {0}", who="thread")
 def peekuser(tid: int, offset: int) -> int:
     """``PTRACE_PEEKUSER`` as an unsigned word. Raises DebugRegisterIOError (EIO)."""
     return _raw_ptrace(PTRACE_PEEKUSER, tid, offset) & _U64
 
 
-@_oserrors("ptrace(POKEUSER)")
+@_oserrors("write offset {1} of struct user of thread {0}", who="thread")
 def pokeuser(tid: int, offset: int, value: int) -> None:
     """``PTRACE_POKEUSER``. Raises DebugRegisterIOError (EIO), InvalidArgumentError,
     NoSpaceError - exactly the kernel's errno, for reference tests."""
@@ -513,7 +593,7 @@ def forget_memory(pid: int) -> None:
         os.close(fd)
 
 
-@_oserrors("read_memory", memory=True)
+@_oserrors("read {2} bytes at {1:#x} of process {0}", who="process", memory=True)
 def read_memory(pid: int, addr: int, size: int) -> bytes:
     """Read ``size`` bytes at ``addr`` of process ``pid`` (which must be traced by us).
 
@@ -530,12 +610,13 @@ def read_memory(pid: int, addr: int, size: int) -> bytes:
         data = buf.raw[:done]
     if len(data) != size:
         raise InvalidArgumentError(
-            f"read_memory({pid}, {addr:#x}, {size}): only {len(data)} bytes are mapped"
+            f"cannot read {size} bytes at {addr:#x} of process {pid}: only {len(data)} of "
+            "them are mapped"
         )
     return data
 
 
-@_oserrors("write_memory", memory=True)
+@_oserrors("write memory at {1:#x} of process {0}", who="process", memory=True)
 def write_memory(pid: int, addr: int, data: bytes) -> None:
     """Write ``data`` at ``addr`` of process ``pid``: through /proc/PID/mem even into
     read-only text, like POKEDATA; without access to it (see :func:`_mem_fd`) only into
@@ -553,7 +634,8 @@ def write_memory(pid: int, addr: int, data: bytes) -> None:
         done = 0
     if done != len(data):
         raise InvalidArgumentError(
-            f"write_memory({pid}, {addr:#x}): only {done} of {len(data)} bytes are mapped"
+            f"cannot write {len(data)} bytes at {addr:#x} of process {pid}: only {done} of "
+            "them are mapped (writable)"
         )
 
 
@@ -674,7 +756,8 @@ class ChildSignals:
         fd = _libc.signalfd(-1, mask, self._SFD_NONBLOCK | self._SFD_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
-            raise _translate_errno(OSError(code, os.strerror(code)), "signalfd(SIGCHLD)")
+            err = OSError(code, os.strerror(code))
+            raise _translate_errno(err, "watch for SIGCHLD (signalfd)") from err
         self.fd: int = fd
 
     def fileno(self) -> int:
@@ -714,20 +797,20 @@ def _status_fields(path: str) -> dict[str, str]:
     return fields
 
 
-@_oserrors("threads_of")
+@_oserrors("list the threads of process {0}", who="process")
 def threads_of(pid: int) -> list[int]:
     """The tids of process ``pid``, sorted. Raises NoSuchProcessError."""
     return sorted(thread.id for thread in psutil.Process(pid).threads())
 
 
-@_oserrors("tgid_of")
+@_oserrors("find the process of thread {0}", who="thread")
 def tgid_of(tid: int) -> int:
     """The process (thread group) id of thread ``tid``. Raises NoSuchProcessError."""
     # psutil has no Tgid: psutil.Process(tid) of a non-leader thread acts as a process.
     return int(_status_fields(f"/proc/{tid}/status")["Tgid"])
 
 
-@_oserrors("start_time")
+@_oserrors("read the start time of process {0}", who="process")
 def start_time(pid: int) -> float:
     """When ``pid`` started (psutil's ``create_time``, seconds since the epoch, derived
     from /proc/PID/stat field 22): with the pid, it identifies a process across pid reuse.
@@ -735,26 +818,26 @@ def start_time(pid: int) -> float:
     return float(psutil.Process(pid).create_time())
 
 
-@_oserrors("process_name")
+@_oserrors("read the name of process {0}", who="process")
 def process_name(pid: int) -> str:
     """The name of process ``pid`` (its ``comm``). Raises NoSuchProcessError."""
     return str(psutil.Process(pid).name())
 
 
-@_oserrors("effective_caps")
+@_oserrors("read the capabilities of process {0}", who="process")
 def effective_caps(pid: int) -> int:
     """The effective capability set of ``pid`` (CapEff), bit ``cap`` per capability.
     Raises NoSuchProcessError."""
     return int(_status_fields(f"/proc/{pid}/status")["CapEff"], 16)
 
 
-@_oserrors("tracer_of")
+@_oserrors("find the tracer of thread {0}", who="thread")
 def tracer_of(pid: int) -> int:
     """The pid of the process tracing ``pid`` (0 if none). Raises NoSuchProcessError."""
     return int(_status_fields(f"/proc/{pid}/status")["TracerPid"])
 
 
-@_oserrors("pending_signals")
+@_oserrors("read the pending signals of thread {0}", who="thread")
 def pending_signals(tid: int) -> int:
     """Mask of signals pending on thread ``tid`` itself (SigPnd), bit ``sig - 1`` per signal.
 
@@ -778,7 +861,7 @@ class ProcCreds:
     dumpable: bool
 
 
-@_oserrors("proc_creds")
+@_oserrors("read the credentials of process {0}", who="process")
 def proc_creds(pid: int) -> ProcCreds:
     """Real/effective/saved uid and gid of ``pid`` and whether it is dumpable.
 
@@ -803,10 +886,20 @@ def proc_creds(pid: int) -> ProcCreds:
 
 
 def _perf_attr(
-    addr: int, length: int, access: Access, mode: Mode, sig_data: int, wakeup: int
+    addr: int,
+    length: int,
+    access: Access,
+    mode: Mode,
+    sig_data: int,
+    wakeup: int,
+    filtered: bool = False,
 ) -> ctypes.Array[ctypes.c_char]:
     flags = _ATTR_EXCLUDE_KERNEL | _ATTR_EXCLUDE_HV | _ATTR_REMOVE_ON_EXEC
-    sample_period = sample_type = wakeup_events = 0
+    sample_type = wakeup_events = 0
+    # A BPF program runs only when the event overflows (bpf_overflow_handler, called from
+    # __perf_event_overflow): a filtered counting event samples every hit, with nowhere to
+    # write the sample (its program returns 0 anyway: it only counts).
+    sample_period = 1 if filtered else 0
     if mode is Mode.NOTIFY:
         sample_period, wakeup_events = 1, wakeup
         sample_type = PERF_SAMPLE_IP | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
@@ -847,12 +940,18 @@ class BreakpointEvent:
         *,
         wakeup: int = 1,
         ring_pages: int = RING_DATA_PAGES,
+        bpf: BpfFilter | None = None,
     ) -> None:
         """Open (arm) the event. ``wakeup``: NOTIFY samples per poll wake-up.
 
         ``ring_pages``: NOTIFY ring data pages wanted (a power of two); when the kernel
         refuses that much locked memory the ring is halved down to :data:`RING_DATA_PAGES`
         (``self.ring_pages`` says what it got).
+
+        ``bpf``: a filter program attached before the event is enabled (the event is opened
+        disabled, so no hit escapes the program); its counters then hold the true hits of
+        each condition while :meth:`read_count` still counts every hit. The event owns it
+        from here on: it is closed with the event, or at once if the open fails.
 
         ``wakeup = 1`` wakes the poller at every sample; the daemon still drains in batches,
         since everything that accumulated while it was busy is read at once. A larger value
@@ -875,8 +974,10 @@ class BreakpointEvent:
         self._ring: mmap.mmap | None = None
         self._presumed = 0  # losses settle() reported that no LOST record has matched yet
         self._settle_count = -1
-        what = f"perf_event_open(tid={tid}, {addr:#x}/{length}/{access.value}/{mode.wire})"
-        attr = _perf_attr(addr, length, access, mode, sig_data, max(1, wakeup))
+        what = f"set a {length}-byte {access.value} breakpoint at {addr:#x} on thread {tid}"
+        attr = _perf_attr(addr, length, access, mode, sig_data, max(1, wakeup), bpf is not None)
+        if bpf is not None:
+            struct.pack_into("Q", attr, 40, struct.unpack_from("Q", attr, 40)[0] | _ATTR_DISABLED)
         fd = _syscall(
             ctypes.c_long(SYS_perf_event_open),
             attr,
@@ -888,8 +989,11 @@ class BreakpointEvent:
         if fd < 0:
             code = ctypes.get_errno()
             err = OSError(code, os.strerror(code))
-            raise _translate_errno(err, what) from err
+            if bpf is not None:
+                bpf.close()
+            raise _translate_errno(err, what, who=("thread", tid)) from err
         self.fd: int = fd
+        self.bpf = bpf
         if mode is Mode.NOTIFY:
             pages = max(RING_DATA_PAGES, ring_pages)
             while True:
@@ -900,20 +1004,31 @@ class BreakpointEvent:
                     if err.errno in (errno.EPERM, errno.ENOMEM) and pages > RING_DATA_PAGES:
                         pages //= 2
                         continue
-                    os.close(fd)
-                    raise _translate_errno(err, f"mmap of {what}") from err
+                    self.close()
+                    raise _translate_errno(
+                        err, f"{what} (its sample ring could not be mapped)"
+                    ) from err
             self.ring_pages = pages
+        if bpf is not None:
+            try:
+                fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, bpf.prog_fd)
+                fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+            except OSError as err:
+                self.close()
+                raise _translate_errno(
+                    err, f"{what} (its condition program could not be attached)"
+                ) from err
 
     def fileno(self) -> int:
         return self.fd
 
-    @_oserrors("BreakpointEvent.read_count")
+    @_oserrors("read the hit counter of a breakpoint")
     def read_count(self) -> int:
         """The absolute hit counter of this event."""
         data = os.read(self.fd, 8)
         return int.from_bytes(data, "little")
 
-    def drain(self) -> tuple[list[tuple[int, int, int]], int]:
+    def drain(self) -> tuple[list[tuple[int, ...]], int]:
         """NOTIFY only: take every sample out of the ring.
 
         Returns ``([(tid, ip, time_ns), ...], lost)`` where ``lost`` counts samples the
@@ -931,7 +1046,7 @@ class BreakpointEvent:
         # "rmb() after reading data_head" is a compiler barrier there).
         head, tail = struct.unpack_from("QQ", ring, 1024)
         size = self.ring_pages * PAGE_SIZE
-        samples: list[tuple[int, int, int]] = []
+        samples: list[tuple[int, ...]] = []
         lost = 0
         while tail < head:
             off = PAGE_SIZE + tail % size
@@ -990,16 +1105,231 @@ class BreakpointEvent:
         return missing
 
     def close(self) -> None:
-        """Disarm: unmap the ring and close the fd. Idempotent."""
+        """Disarm: unmap the ring, close the fd and the filter. Idempotent."""
         if self._ring is not None:
             self._ring.close()
             self._ring = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.bpf is not None:
+            self.bpf.close()
 
     def __repr__(self) -> str:
         return (
             f"<BreakpointEvent fd={self.fd} tid={self.tid} {self.addr:#x}/{self.length}"
             f"/{self.access.value} {self.mode.wire}>"
         )
+
+
+# --- BPF filters on breakpoint events --------------------------------------------------------
+#
+# The program is generated by hwbkptd/_bpf.py (pure); here it is loaded (bpf(2)
+# BPF_PROG_LOAD, type BPF_PROG_TYPE_PERF_EVENT) with its map (BPF_MAP_CREATE, one
+# BPF_MAP_TYPE_ARRAY entry) and attached to an event (PERF_EVENT_IOC_SET_BPF, in
+# BreakpointEvent). Offsets of union bpf_attr are those of include/uapi/linux/bpf.h.
+
+SYS_bpf: Final = 321  # x86-64
+BPF_MAP_CREATE: Final = 0
+BPF_MAP_LOOKUP_ELEM: Final = 1
+BPF_MAP_UPDATE_ELEM: Final = 2
+BPF_PROG_LOAD: Final = 5
+BPF_MAP_TYPE_ARRAY: Final = 2
+BPF_MAP_TYPE_RINGBUF: Final = 27
+# The ring of hit records of a filtered notify slot (Documentation/bpf/ringbuf.rst): a power
+# of two of pages; 256 KiB hold 4681 records of 48 bytes plus their 8-byte headers.
+BPF_RING_BYTES: Final = 1 << 18
+_RINGBUF_BUSY: Final = 1 << 31
+_RINGBUF_DISCARD: Final = 1 << 30
+_HIT_CHUNK: Final = struct.Struct(f"II{RECORD_SIZE // 8}Q")  # header + one hit record
+BPF_PROG_TYPE_PERF_EVENT: Final = 7
+PERF_EVENT_IOC_ENABLE: Final = 0x2400  # _IO('$', 0)
+PERF_EVENT_IOC_SET_BPF: Final = 0x40042408  # _IOW('$', 8, __u32)
+_BPF_ATTR_SIZE: Final = 128
+# bpf_probe_read_user is a GPL-only helper (kernel/trace/bpf_trace.c): the program must say
+# its license is GPL-compatible or the verifier refuses the call.
+_LICENSE: Final = ctypes.create_string_buffer(b"GPL")
+_VERIFIER_LOG_SIZE: Final = 1 << 16
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+    result: int = _syscall(
+        ctypes.c_long(SYS_bpf), ctypes.c_int(cmd), attr, ctypes.c_uint(_BPF_ATTR_SIZE)
+    )
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+class BpfFilter:
+    """A loaded condition program and its map; attach it with ``BreakpointEvent(bpf=...)``.
+
+    One per breakpoint event (the map's counters are that event's), which then owns it.
+    """
+
+    def __init__(self, program: Program, init: Mapping[int, int]) -> None:
+        """Create the map (and the record ring if the program writes records), store
+        ``init`` (word index → value), load the program.
+
+        Raises PermissionDeniedError (BPF not permitted: no CAP_BPF/CAP_PERFMON, lockdown),
+        InvalidArgumentError (the verifier refused the program: its log is in the message),
+        InternalError (no BPF in this kernel).
+        """
+        self.value_size = program.value_size
+        self.map_fd = -1
+        self.prog_fd = -1
+        self.ring_fd = -1
+        self.dropped_seen = 0  # records lost for want of room, as last reported
+        self._consumer: mmap.mmap | None = None
+        self._producer: mmap.mmap | None = None
+        try:
+            if program.ring_fd_at:
+                self._create_ring()
+            self._create_map()
+            words = [0] * (self.value_size // 8)
+            for index, value in init.items():
+                words[index] = value & _U64
+            self.write(words)
+            self._load(program)
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_map(self) -> None:
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        struct.pack_into("IIII", attr, 0, BPF_MAP_TYPE_ARRAY, 4, self.value_size, 1)
+        struct.pack_into("16s", attr, 28, b"hwbkpt_cond")
+        try:
+            self.map_fd = _bpf(BPF_MAP_CREATE, attr, "bpf(MAP_CREATE)")
+        except OSError as err:
+            raise _translate_errno(err, "bpf(MAP_CREATE) for a condition") from err
+
+    def _create_ring(self) -> None:
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        struct.pack_into("IIII", attr, 0, BPF_MAP_TYPE_RINGBUF, 0, 0, BPF_RING_BYTES)
+        struct.pack_into("16s", attr, 28, b"hwbkpt_hits")
+        try:
+            self.ring_fd = _bpf(BPF_MAP_CREATE, attr, "bpf(MAP_CREATE)")
+            # The consumer page is ours to write; the producer page and the data (mapped
+            # twice in a row, so a record that wraps reads contiguously) are read-only.
+            self._consumer = mmap.mmap(self.ring_fd, PAGE_SIZE)
+            self._producer = mmap.mmap(
+                self.ring_fd,
+                PAGE_SIZE + 2 * BPF_RING_BYTES,
+                prot=mmap.PROT_READ,
+                offset=PAGE_SIZE,
+            )
+        except OSError as err:
+            raise _translate_errno(err, "bpf(MAP_CREATE) of a hit ring") from err
+
+    def hit_records(self) -> list[tuple[int, ...]]:
+        """Take every committed hit record out of the ring, oldest first, as the six u64
+        words of hwbkptd/_bpf.py's RECORD_FIELDS.
+
+        Every record the program writes has the same size, and the data pages are mapped
+        twice in a row, so the committed ones are one contiguous run of fixed-size chunks
+        (8-byte header, then the record): one ``iter_unpack`` instead of a slice each.
+        """
+        consumer, producer = self._consumer, self._producer
+        if consumer is None or producer is None:
+            return []
+        cons = struct.unpack_from("Q", consumer, 0)[0]
+        prod = struct.unpack_from("Q", producer, 0)[0]
+        if cons >= prod:
+            return []
+        off = PAGE_SIZE + (cons & (BPF_RING_BYTES - 1))
+        chunk = _HIT_CHUNK.size
+        out: list[tuple[int, ...]] = []
+        for header, _pg_off, *words in _HIT_CHUNK.iter_unpack(producer[off : off + prod - cons]):
+            if header & _RINGBUF_BUSY or header & ~_RINGBUF_DISCARD != RECORD_SIZE:
+                break  # still being written (or not a hit record): take it next time
+            cons += chunk
+            if not header & _RINGBUF_DISCARD:
+                out.append(tuple(words))
+        struct.pack_into("Q", consumer, 0, cons)
+        return out
+
+    def _load(self, program: Program) -> None:
+        code = program.encode(self.map_fd, self.ring_fd)
+        insns = ctypes.create_string_buffer(code, len(code))
+        log = ctypes.create_string_buffer(_VERIFIER_LOG_SIZE)
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        struct.pack_into(
+            "IIQQIIQ",
+            attr,
+            0,
+            BPF_PROG_TYPE_PERF_EVENT,
+            len(code) // 8,
+            ctypes.addressof(insns),
+            ctypes.addressof(_LICENSE),
+            0,
+            0,
+            0,
+        )
+        struct.pack_into("16s", attr, 48, b"hwbkpt_cond")
+        try:
+            self.prog_fd = _bpf(BPF_PROG_LOAD, attr, "bpf(PROG_LOAD)")
+            return
+        except OSError as err:
+            if err.errno != errno.EACCES and err.errno != errno.EINVAL:
+                raise _translate_errno(err, "bpf(PROG_LOAD) of a condition") from err
+        # Load again with the verifier's log, to say why (only on failure: logging is slow).
+        struct.pack_into("IIQ", attr, 24, 1, _VERIFIER_LOG_SIZE, ctypes.addressof(log))
+        try:
+            self.prog_fd = _bpf(BPF_PROG_LOAD, attr, "bpf(PROG_LOAD)")
+        except OSError as err:
+            text = log.value.decode(errors="replace").strip().splitlines()[-3:]
+            raise InvalidArgumentError(
+                f"the kernel's verifier refused a condition program ({os.strerror(err.errno or 0)}"
+                f"): {' | '.join(text)}"
+            ) from err
+
+    def _elem(self, cmd: int, buf: ctypes.Array[ctypes.c_char], what: str) -> None:
+        key = ctypes.c_uint32(0)
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        struct.pack_into("IIQQQ", attr, 0, self.map_fd, 0, ctypes.addressof(key),
+                         ctypes.addressof(buf), 0)  # fmt: skip
+        try:
+            _bpf(cmd, attr, what)
+        except OSError as err:
+            raise _translate_errno(err, what) from err
+
+    def words(self) -> tuple[int, ...]:
+        """The map's value now, as u64 words (layout: hwbkptd/_bpf.py)."""
+        buf = ctypes.create_string_buffer(self.value_size)
+        self._elem(BPF_MAP_LOOKUP_ELEM, buf, "bpf(MAP_LOOKUP_ELEM)")
+        return struct.unpack(f"{self.value_size // 8}Q", buf.raw)
+
+    def write(self, words: list[int]) -> None:
+        """Replace the map's value (``value_size // 8`` words)."""
+        buf = ctypes.create_string_buffer(struct.pack(f"{len(words)}Q", *words), self.value_size)
+        self._elem(BPF_MAP_UPDATE_ELEM, buf, "bpf(MAP_UPDATE_ELEM)")
+
+    def close(self) -> None:
+        """Close the program and map fds (the kernel frees them with the last user). Idempotent."""
+        for ring in (self._consumer, self._producer):
+            if ring is not None:
+                ring.close()
+        self._consumer = self._producer = None
+        for name in ("prog_fd", "map_fd", "ring_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+def bpf_available() -> str | None:
+    """Why condition programs cannot be used here, or ``None`` if they can.
+
+    Loads the smallest program the daemon generates (an unconditional filter) and attaches
+    it to nothing: enough to learn whether bpf(2) exists and is permitted (lockdown,
+    CAP_BPF/CAP_PERFMON, kernel.unprivileged_bpf_disabled) and the helpers are there.
+    """
+    from hwbkptd._bpf import generate  # pure; imported here to keep the probe self-contained
+
+    try:
+        BpfFilter(generate(0x1000, 8, (), True), {}).close()
+    except HwbkptError as err:
+        return err.message
+    return None

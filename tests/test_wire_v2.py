@@ -113,6 +113,14 @@ def test_absent_params_at_the_end_are_left_out() -> None:
     assert _decode(data) == stop
 
 
+def test_a_conditions_values_have_their_places() -> None:
+    # A watch with a condition adds the watched bytes after and before the access.
+    stop = Notification("stop", {**STOP, "regs": RAW, "new": 7, "old": 6})
+    data = encode(stop, positional=True)
+    assert msgpack.unpackb(data)[2] == [812, 813, [3, 4], "watch", RAW, None, 7, 6]
+    assert _decode(data) == stop
+
+
 def test_nil_stands_for_an_absent_param() -> None:
     data = msgpack.packb([2, "stop", [812, 813, [3], "interrupt", None, 7]], use_bin_type=True)
     assert _decode(data) == Notification(
@@ -154,7 +162,7 @@ def test_requests_are_never_positional() -> None:
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
-        ([1, 2, [3], "watch", RAW, 0, "extra"], r"\[map\] or the array \[pid, tid"),
+        ([1, 2, [3], "watch", RAW, 0, 5, 6, "extra"], r"\[map\] or the array \[pid, tid"),
         ([9, 10], r"\[map\] or the array \[tid\]"),
     ],
 )

@@ -43,11 +43,18 @@ class Watch(WatchInfo):
         self._client = client
 
     def count(self) -> int:
-        """Hits of this watch since it was installed (``count`` mode)."""
+        """Hits of this watch since it was installed (any mode); after its process exited
+        or called exec (``state == "ended"``), its final count.
+
+        Raises NotFoundError once the watch was removed.
+        """
         return int(self._client.call("count", id=self.id))
 
     def remove(self) -> None:
-        """Remove the watch (``unwatch``); its slots go to pending watches."""
+        """Remove the watch (``unwatch``), ended or not; its slots go to pending watches.
+
+        Raises NotFoundError if it was removed already.
+        """
         self._client.call("unwatch", id=self.id)
         self._client._session.forget_watch(self.id)
         self.state = "removed"
@@ -134,9 +141,20 @@ class Client:
             data = self._sock.recv(_RECV_SIZE)
         except OSError as err:
             self._session.connection_lost(f"reading from the socket failed: {err}")
-            return True
-        self._session.receive_data(data)
+        else:
+            self._session.receive_data(data)
+        if self._session.lost:
+            self._drop_socket()
         return True
+
+    def _drop_socket(self) -> None:
+        """The connection is gone (EOF, error, a stream it cannot read): close the socket at
+        once rather than when the caller remembers ``close()`` (or the garbage collector,
+        with a ResourceWarning, does). Queued events stay readable."""
+        if self._sock is not None:
+            self._readable.unregister(self._sock)
+            self._sock.close()
+            self._sock = None
 
     def _send(self, data: bytes) -> None:
         self._session.check_alive()
@@ -145,6 +163,7 @@ class Client:
             self._sock.sendall(data)
         except OSError as err:
             self._session.connection_lost(f"writing to the socket failed: {err}")
+            self._drop_socket()
             raise self._session.lost_error() from err
 
     def call(self, method: str, /, *, timeout: float | None = _DEFAULT, **params: Any) -> Any:
@@ -197,13 +216,18 @@ class Client:
         mode: str = "count",
         tid: int | None = None,
         priority: int = 0,
+        condition: str | None = None,
     ) -> Watch:
         """Watch ``length`` bytes at ``addr`` in process ``pid`` (every thread unless
         ``tid``) for ``access`` (``x``, ``w``, ``rw``) in ``mode`` (``count``, ``notify``,
-        ``stop``). A watch that gets no slot now is pending and installed when one frees."""
+        ``stop``). A watch that gets no slot now is pending and installed when one frees.
+
+        ``condition`` (e.g. ``"new == 1234"``, PROTOCOL.md "Conditions"): only hits for
+        which it is true count, notify or stop. Raises InvalidArgumentError (with the
+        column and what was expected) for one that does not parse."""
         spec: dict[str, Any] = {
             "pid": pid, "addr": addr, "length": length, "access": access, "mode": mode,
-            "tid": tid, "priority": priority,
+            "tid": tid, "priority": priority, "condition": condition,
         }
         result = self.call("watch", **watch_params(**spec))
         watch = Watch(self, result, **spec)
@@ -219,10 +243,11 @@ class Client:
         mode: str = "count",
         tid: int | None = None,
         priority: int = 0,
+        condition: str | None = None,
     ) -> list[Watch]:
         """Watch ``size`` bytes at ``addr`` with as many slots as it takes (gdb's split);
-        all pieces or none."""
-        params = watch_params(pid, addr, size, access, mode, tid, priority)
+        all pieces or none. A ``condition`` applies to each piece, on that piece's bytes."""
+        params = watch_params(pid, addr, size, access, mode, tid, priority, condition)
         params["size"] = params.pop("length")
         watches = []
         for result, piece_addr, piece_length in region_results(
@@ -230,7 +255,7 @@ class Client:
         ):
             spec = {"pid": pid, "addr": piece_addr if piece_addr is not None else addr,
                     "length": piece_length or size, "access": access, "mode": mode,
-                    "tid": tid, "priority": priority}
+                    "tid": tid, "priority": priority, "condition": condition}
             watch = Watch(self, result, **spec)
             self._session.track_watch(watch)
             watches.append(watch)

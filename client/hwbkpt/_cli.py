@@ -114,6 +114,8 @@ def format_status(status: dict[str, Any]) -> str:
         if "watches" in c:
             watches = c["watches"]
             line += f"  watches {len(watches) if isinstance(watches, list) else watches}"
+            if c.get("ended"):
+                line += f" ({c['ended']} ended)"
         out.append(line)
 
     targets = status.get("targets") or []
@@ -144,7 +146,30 @@ def format_status(status: dict[str, Any]) -> str:
             out.append(f"    pending: {_pending_text(p)}")
     for p in status.get("pending") or []:
         out.append(f"pending: {_pending_text(p)}")
+    ended = status.get("ended") or []
+    if ended:
+        out.append(f"ended watches ({len(ended)}), kept until their clients remove them:")
+        for w in ended:
+            out.append(f"  {_ended_text(w)}")
     return "\n".join(out) + "\n"
+
+
+def _ended_text(w: dict[str, Any]) -> str:
+    """One ended watch of ``status``: whose, what, its final count and how it ended."""
+    end = w.get("ended") or {}
+    reason = str(end.get("reason", "ended"))
+    how = {"exit": "process exited", "exec": "process called exec"}.get(reason, reason)
+    if end.get("signal") is not None:
+        how += f" (signal {end['signal']})"
+    elif end.get("code") is not None:
+        how += f" (status {end['code']})"
+    addr = w.get("addr")
+    where = f"{addr:#x}" if isinstance(addr, int) else "?"
+    return (
+        f"client {w.get('client')} watch {w.get('id')}  pid {w.get('pid')}  "
+        f"{where}/{w.get('length')} {w.get('access')} {w.get('mode')}  "
+        f"count {w.get('count')}  {how}"
+    )
 
 
 def _holders(holders: Any) -> str:

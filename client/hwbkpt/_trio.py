@@ -39,11 +39,18 @@ class AsyncWatch(WatchInfo):
         self._client = client
 
     async def count(self) -> int:
-        """Hits of this watch since it was installed (``count`` mode)."""
+        """Hits of this watch since it was installed (any mode); after its process exited
+        or called exec (``state == "ended"``), its final count.
+
+        Raises NotFoundError once the watch was removed.
+        """
         return int(await self._client.call("count", id=self.id))
 
     async def remove(self) -> None:
-        """Remove the watch (``unwatch``); its slots go to pending watches."""
+        """Remove the watch (``unwatch``), ended or not; its slots go to pending watches.
+
+        Raises NotFoundError if it was removed already.
+        """
         await self._client.call("unwatch", id=self.id)
         self._client._session.forget_watch(self.id)
         self.state = "removed"
@@ -178,11 +185,12 @@ class AsyncClient:
         mode: str = "count",
         tid: int | None = None,
         priority: int = 0,
+        condition: str | None = None,
     ) -> AsyncWatch:
         """Watch ``length`` bytes at ``addr`` in ``pid``; see :meth:`hwbkpt.Client.watch`."""
         spec: dict[str, Any] = {
             "pid": pid, "addr": addr, "length": length, "access": access, "mode": mode,
-            "tid": tid, "priority": priority,
+            "tid": tid, "priority": priority, "condition": condition,
         }
         result = await self.call("watch", **watch_params(**spec))
         watch = AsyncWatch(self, result, **spec)
@@ -198,9 +206,10 @@ class AsyncClient:
         mode: str = "count",
         tid: int | None = None,
         priority: int = 0,
+        condition: str | None = None,
     ) -> list[AsyncWatch]:
         """Watch ``size`` bytes at ``addr``; see :meth:`hwbkpt.Client.watch_region`."""
-        params = watch_params(pid, addr, size, access, mode, tid, priority)
+        params = watch_params(pid, addr, size, access, mode, tid, priority, condition)
         params["size"] = params.pop("length")
         watches = []
         for result, piece_addr, piece_length in region_results(
@@ -208,7 +217,7 @@ class AsyncClient:
         ):
             spec = {"pid": pid, "addr": piece_addr if piece_addr is not None else addr,
                     "length": piece_length or size, "access": access, "mode": mode,
-                    "tid": tid, "priority": priority}
+                    "tid": tid, "priority": priority, "condition": condition}
             watch = AsyncWatch(self, result, **spec)
             self._session.track_watch(watch)
             watches.append(watch)

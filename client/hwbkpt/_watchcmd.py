@@ -4,8 +4,9 @@ One line per hit or stop (or one JSON object per line with ``--json``): the time
 thread, the instruction pointer symbolized as ``function+0x1d (file)``, what is watched,
 and for write watches in ``stop`` mode the old and new value (the first old value is read
 once the watch is installed). When the watch ends (``--duration`` elapsed, Ctrl-C, or the
-program exited or exec'd) the final count is printed. In ``stop`` mode every stop is
-resumed right after it is printed.
+program exited or exec'd) the final count is printed — after an exit too: the daemon keeps
+an ended watch and its count until it is removed. In ``stop`` mode every stop is resumed
+right after it is printed.
 
 A request that is not one aligned 1/2/4/8-byte piece takes several slots (gdb's split; the
 command says so on stderr). It is still one watch to its user: each access is shown once,
@@ -86,9 +87,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=("count", "notify", "stop"),
-        default="notify",
-        help="notify (default): print each hit; stop: stop the thread at each "
-        "hit, print old/new values, resume; count: print only the total",
+        default=None,
+        help="notify (default): print each hit (with old/new values when --if is given); "
+        "stop (default with --if): stop the thread at each hit, print old/new values, "
+        "resume; count: print only the total",
+    )
+    parser.add_argument(
+        "--if",
+        dest="condition",
+        default=None,
+        metavar="EXPR",
+        help="only hits for which EXPR is true, e.g. 'new == 1234', 'changed', "
+        "'signed(new) < 0 and tid == 812' (names: new old changed tid hits; evaluated in the "
+        "kernel where BPF is available; see PROTOCOL.md, Conditions)",
     )
     parser.add_argument("--tid", type=int, default=None, help="watch only this thread")
     parser.add_argument(
@@ -189,16 +200,20 @@ def run(client: Client, args: argparse.Namespace) -> int:
     access = args.access or ("x" if target.function else "w")
     length = args.length or (1 if access == "x" else (target.size or 8))
     printer = _Printer(args.pid, target, length, access, args.json)
-    show_values = args.mode == "stop" and access != "x" and length <= 8
+    mode = args.mode or ("stop" if args.condition is not None else "notify")
+    show_values = mode == "stop" and access != "x" and length <= 8
     before = _try_read(client, args.pid, target.addr, length) if show_values else None
     watches: list[Watch]
     if length in (1, 2, 4, 8) and target.addr % length == 0:
         watches = [
-            client.watch(args.pid, target.addr, length, access, args.mode, args.tid, args.priority)
-        ]
+            client.watch(
+                args.pid, target.addr, length, access, mode, args.tid, args.priority,
+                args.condition,
+            )
+        ]  # fmt: skip
     else:
         watches = client.watch_region(
-            args.pid, target.addr, length, access, args.mode, args.tid, args.priority
+            args.pid, target.addr, length, access, mode, args.tid, args.priority, args.condition
         )
         _warn(
             f"note: {length} bytes at {target.addr:#x} take {len(watches)} slots "
@@ -214,7 +229,7 @@ def run(client: Client, args: argparse.Namespace) -> int:
     if old is None:
         _warn(f"warning: Cannot access memory at address {target.addr:#x}; watching it anyway")
     ids = {w.id for w in watches}
-    folder = Folder() if args.mode == "notify" and len(watches) > 1 else None
+    folder = Folder() if mode == "notify" and len(watches) > 1 else None
     pending = [w for w in watches if w.state != "installed"]
     if pending and not args.json:
         print(
@@ -250,7 +265,12 @@ def run(client: Client, args: argparse.Namespace) -> int:
             if record is None:
                 continue
             if event.kind == "stop":
-                if show_values:
+                if event.get("new") is not None:
+                    # Read in the kernel at the hit (a watch with a condition): exact even
+                    # when hits in between were not reported.
+                    record["old"], record["new"] = event.get("old"), event.get("new")
+                    old, racing = record["new"], None
+                elif show_values:
                     new = _try_read(client, args.pid, target.addr, length)
                     if racing is not None and new == old:
                         old = racing
@@ -274,19 +294,19 @@ def run(client: Client, args: argparse.Namespace) -> int:
             printer.line(_access_record(done, printer))
     summary: dict[str, Any] = {"event": "summary", "count": None, "wall": time.time(),
                                "watches": sorted(ids)}
-    if not ended:
-        counts = [watch.count() for watch in watches]
-        for watch in watches:
-            watch.remove()
-        # One piece's count is the watch's; a region's pieces are counted by the kernel one
-        # by one, and one access may touch several: shown per piece, never summed.
-        if len(watches) == 1:
-            summary["count"] = counts[0]
-        else:
-            summary["pieces"] = [
-                {"addr": w.addr, "length": w.length, "count": n}
-                for w, n in zip(watches, counts, strict=True)
-            ]
+    # After an exit or exec too: the daemon keeps an ended watch with its final count.
+    counts = [watch.count() for watch in watches]
+    for watch in watches:
+        watch.remove()
+    # One piece's count is the watch's; a region's pieces are counted by the kernel one
+    # by one, and one access may touch several: shown per piece, never summed.
+    if len(watches) == 1:
+        summary["count"] = counts[0]
+    else:
+        summary["pieces"] = [
+            {"addr": w.addr, "length": w.length, "count": n}
+            for w, n in zip(watches, counts, strict=True)
+        ]
     printer.line(summary)
     return 0
 
@@ -322,7 +342,7 @@ def _record(event: Event, ids: set[int], printer: _Printer) -> dict[str, Any] | 
         if event.kind == "hit" and isinstance(event.get("time"), int):
             wall = _wall_of(event.time)
         ip = event.ip if event.kind == "hit" else event.regs["rip"]
-        return {
+        record = {
             "event": event.kind,
             "wall": wall,
             "tid": event.tid,
@@ -331,6 +351,9 @@ def _record(event: Event, ids: set[int], printer: _Printer) -> dict[str, Any] | 
             **printer.what(),
             "watches": list(event.watches),
         }
+        if event.get("new") is not None:  # read in the kernel at the hit (--if)
+            record["old"], record["new"] = event.get("old"), event.get("new")
+        return record
     if event.kind == "lost":
         record = {"event": "lost", "wall": wall, "count": event.count}
         for name in ("where", "tid"):

@@ -56,7 +56,7 @@ PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
 #: left out (a ``stop`` without ``dr6`` has 5). A map of 6 names costs the decoder 6 strings
 #: and the receiver a map check per message; a hit loop sends two of these per stop.
 POSITIONAL: dict[str, tuple[str, ...]] = {
-    "stop": ("pid", "tid", "watches", "reason", "regs", "dr6"),
+    "stop": ("pid", "tid", "watches", "reason", "regs", "dr6", "new", "old"),
     "resume": ("tid",),
     "step": ("tid",),
 }
