@@ -194,6 +194,9 @@ class GdbSession:
         except HwbkptError as err:
             log.info("packet %r: the daemon said %s", data[:40], err)
             reply = b"E01"
+        except OSError as err:  # /proc of a process that just ended, and the like
+            log.info("packet %r: %s", data[:40], err)
+            reply = b"E01"
         if reply is not None:
             self._send(reply)
 
@@ -486,6 +489,9 @@ class GdbSession:
 
     def _on_big_g(self, data: bytes) -> bytes:
         text, pos, changes = data[1:], 0, {}
+        if len(text) != 2 * sum(reg.size for reg in _regs.REGISTERS):
+            # All registers or none: a short G would set some and leave the rest to chance.
+            raise PacketError(f"G with {len(text)} hex digits, not the register file's size")
         for reg in _regs.REGISTERS:
             chunk = text[pos : pos + reg.size * 2]
             pos += reg.size * 2
