@@ -18,7 +18,7 @@ import hwbkpt
 from tests._daemon import Daemon
 from tests._gdb import GDB, Gdb, gdb_factory, server_command, stop_lines
 from tests._progs import Target, build
-from tests.test_watch import info_int, thread_state, tracer_pid, wait_until
+from tests.test_watch import info_int, slots_of, thread_state, tracer_pid, wait_until
 
 __all__ = ["gdb_factory"]
 
@@ -275,4 +275,42 @@ def test_interrupt_stops_every_thread_and_continue_releases_them(
     assert "received signal SIGINT" in gdb.wait(mark)
     gdb.cmd("detach")
     wait_until(lambda: tracer_pid(proc.pid) == 0, what="the daemon to let the program go")
+    peek.close()
+
+
+@pytest.mark.timeout(180)
+def test_slot_beyond_four_fails_at_continue_and_goes_in_once_one_is_deleted(
+    target: Start, daemon: Daemon, gdb_factory: StartGdb
+) -> None:
+    # Slots wanted while both gdbs run: gdb's own shared-library event breakpoint in ld.so
+    # (one key, shared by both gdbs), a's var and var2, b's pair[0] and pair[1]: five.
+    proc = target("writer", 1)
+    a = served_gdb(gdb_factory, daemon, proc)
+    b = served_gdb(gdb_factory, daemon, proc)
+    a.cmd("watch var")
+    a.cmd("watch var2")
+    b.cmd("watch pair[0]")
+    b.cmd("watch pair[1]")
+    mark_a = a.send("continue")  # inserted; the program still waits for b's hold
+    peek = hwbkpt.Client(daemon.socket, name="peek")
+    wait_until(lambda: len(slots_of(peek, proc.pid, proc.pid)[0]) == 3, what="a's 3 slots")
+    out_b = b.cmd("continue")
+    assert "Could not insert hardware watchpoint 2." in out_b, out_b
+    assert "You may have requested too many hardware breakpoints/watchpoints." in out_b
+    # a is interrupted, deletes one and goes on; now b's watchpoints go in.
+    os.kill(a.popen.pid, signal.SIGINT)
+    assert "SIGINT" in a.wait(mark_a)
+    a.cmd("delete 2")
+    mark_a = a.send("continue")
+    mark_b = b.send("continue")
+    proc.go()
+    out_a = a.wait(mark_a)
+    assert "Hardware watchpoint 1: var" in out_a, out_a
+    assert "New value = 1" in out_a
+    mark_a = a.send("continue")
+    out_b = b.wait(mark_b)
+    assert "exited normally]" in out_b, out_b
+    assert "Could not insert" not in out_b
+    assert "exited normally]" in a.wait(mark_a)
+    assert proc.wait() == 0
     peek.close()

@@ -17,9 +17,10 @@ Theory of operation:
   ``Z2``/``Z4`` a region split the gdb way, all pieces or ``E01``; ``Z1`` and ``Z0`` a
   hardware execute slot, so that ``break`` never writes an ``int3`` into code the other
   debuggers and the program share. (Not a uprobe: a uprobe stops the thread only after the
-  probed instruction has run, HACKING.md, and gdb needs it stopped at the address.) ``Z3`` gets the empty
-  reply: x86 has no read-only watchpoints, and gdb then emulates ``rwatch`` with an access
-  watchpoint, exactly as native gdb does (``x86_insert_watchpoint`` refuses ``hw_read``).
+  probed instruction has run, HACKING.md, and gdb needs it stopped at the address.)
+  ``Z3`` gets the empty reply: x86 has no read-only watchpoints, and gdb then emulates
+  ``rwatch`` with an access watchpoint, exactly as native gdb does
+  (``x86_insert_watchpoint`` refuses ``hw_read``).
 * ``D`` and ``k`` both mean "this debugger leaves": its watches go, its holds are released
   (``detach``), the process runs on for the others. Nothing is ever killed.
 
