@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 
 # Debian tools the suite needs: a C compiler for the target programs and the reference
 # tracers, systemd-analyze / systemd-socket-activate for the unit tests, gdb for the
-# gdbserver tests.
+# gdbserver tests, lldb-19 for the lldb ones.
 deps:
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	command -v gdb >/dev/null || missing="$$missing gdb"; \
+	command -v lldb-19 >/dev/null || missing="$$missing lldb-19"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \

@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-__all__ = ["GDB", "Gdb", "gdb_factory", "stop_lines"]
+__all__ = ["GDB", "LLDB", "Batch", "Gdb", "batch_factory", "gdb_factory", "stop_lines"]
 
 GDB = shutil.which("gdb")
+LLDB = shutil.which("lldb-19")
 TIMEOUT = 30.0
 
 # The lines gdb prints when the program stops or ends: breakpoint and watchpoint hits,
@@ -62,10 +63,8 @@ class Gdb:
     _marks = itertools.count()
 
     def __init__(self, program: str) -> None:
-        assert GDB is not None
         self.popen = subprocess.Popen(
-            [GDB, "-nx", "-q", "-ex", "set pagination off", "-ex", "set confirm off",
-             "-ex", "set width 0", program],
+            self.command_line(program),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -74,11 +73,22 @@ class Gdb:
         self._buf = b""
         self.transcript: list[str] = []
 
+    @staticmethod
+    def command_line(program: str) -> list[str]:
+        assert GDB is not None
+        return [GDB, "-nx", "-q", "-ex", "set pagination off", "-ex", "set confirm off",
+                "-ex", "set width 0", program]
+
+    @staticmethod
+    def marker(mark: str) -> str:
+        """A command that prints ``mark`` on a line of its own."""
+        return f"echo {mark}\\n"
+
     def send(self, command: str) -> str:
         """Write ``command`` (and a marker after it) without waiting; returns the marker."""
         mark = f"@@mark{next(self._marks)}@@"
         assert self.popen.stdin is not None
-        self.popen.stdin.write(f"{command}\necho {mark}\\n\n".encode())
+        self.popen.stdin.write(f"{command}\n{self.marker(mark)}\n".encode())
         self.popen.stdin.flush()
         return mark
 
@@ -135,6 +145,77 @@ class Gdb:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+
+
+class Batch:
+    """A debugger running a whole script in batch mode (``gdb -batch``, ``lldb -b``), in a
+    session of its own; :meth:`output` waits for it with a deadline. Several run at once
+    when the script of each waits for stops the others' holds order."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @classmethod
+    def gdb(cls, program: str, connect: str, commands: list[str]) -> Batch:
+        assert GDB is not None
+        argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set width 0",
+                "-ex", connect]
+        for command in commands:
+            argv += ["-ex", command]
+        return cls([*argv, program])
+
+    @classmethod
+    def lldb(cls, program: str, connect: str, commands: list[str]) -> Batch:
+        assert LLDB is not None
+        argv = [LLDB, "--no-lldbinit", "-b", "-o", connect]
+        for command in commands:
+            argv += ["-o", command]
+        return cls([*argv, program])
+
+    def output(self, timeout: float = TIMEOUT * 2) -> str:
+        """Everything it printed once it has exited; fails the test after ``timeout``."""
+        try:
+            out, _ = self.popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out, _ = self.popen.communicate()
+            pytest.fail(f"{self.popen.args[0]} did not finish within {timeout} s:\n"
+                        + out.decode(errors="replace"))
+        return out.decode(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL it and everything it started; reap it (never fails)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(TIMEOUT)
+
+
+@pytest.fixture
+def batch_factory() -> Iterator[Callable[..., Batch]]:
+    """``start(kind, program, connect, commands)`` with kind ``"gdb"`` or ``"lldb"``;
+    every one is killed at teardown."""
+    started: list[Batch] = []
+
+    def start(kind: str, program: str, connect: str, commands: list[str]) -> Batch:
+        batch = Batch.gdb(program, connect, commands) if kind == "gdb" else Batch.lldb(
+            program, connect, commands
+        )
+        started.append(batch)
+        return batch
+
+    try:
+        yield start
+    finally:
+        for batch in started:
+            batch.kill()
+            for stream in (batch.popen.stdout,):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
 
 
 def server_command(socket: str, pid: int) -> str:
