@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -43,7 +44,7 @@ from bench._procs import (
 
 REFS = ["target", "count_ref", "notify_ref", "stop_ref", "threads_target", "threads_ref",
         "mem_ref", "rpc_ref"]
-SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory"]
+SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory", "gdb"]
 DEFAULT_JSON = HERE / "results" / "latest.json"
 PY = sys.executable
 
@@ -65,15 +66,17 @@ class Sizes:
     mem_clients: int
     mem_watches: int
     mem_runs: int
+    gdb_n: int = 300
 
 
 FULL = Sizes(runs=7, count_n=20_000, notify_n=20_000, stop_n=2_000, rpc_clients=(1, 32),
              rpc_iters={1: 2_000, 32: 100}, rpc_runs=3, threads=1_000, threads_reps=5,
              spawn=20, threads_runs=3, mem_threads=100, mem_clients=100, mem_watches=4,
-             mem_runs=3)
+             mem_runs=3, gdb_n=300)
 QUICK = Sizes(runs=1, count_n=1_000, notify_n=1_000, stop_n=100, rpc_clients=(1, 32),
               rpc_iters={1: 50, 32: 3}, rpc_runs=1, threads=50, threads_reps=1, spawn=3,
-              threads_runs=1, mem_threads=10, mem_clients=10, mem_watches=4, mem_runs=1)
+              threads_runs=1, mem_threads=10, mem_clients=10, mem_watches=4, mem_runs=1,
+              gdb_n=10)
 
 
 # ---------------------------------------------------------------- figures
@@ -381,6 +384,53 @@ class Bench:
                 raise BenchError(f"a stop client saw {got} stop events, the target hit {n}")
         return ns
 
+    # -- 7. gdb: watch + continue, through hwbkpt gdbserver vs gdb attached by itself
+    def gdb(self) -> dict[str, Any]:
+        n = self.s.gdb_n
+        gdb = shutil.which("gdb")
+        if gdb is None:
+            raise BenchError("gdb is not installed (make deps installs it)")
+        out: dict[str, Any] = {"params": {"n": n}, "placements": {},
+                               "goal": {"per_stop_ratio_max": 1.5}}
+        for place, pin in (("unpinned", None), ("cpu0", "0")):
+            base = statistics.median(self.baseline(pin))
+            native: list[float] = []
+            served: list[float] | dict[str, Any] = []
+            with self.d.pinned(pin):
+                for _ in range(self.s.runs):
+                    native.append(self._gdb_run(gdb, n, pin, None) - base)
+                    if isinstance(served, list):
+                        d = self.daemon_runs(1, partial(self._gdb_run, gdb, n, pin,
+                                                        self.d.socket))
+                        served = d if isinstance(d, dict) else [*served, d[0] - base]
+            ref = fig(native, "ns")
+            dmn = served if isinstance(served, dict) else fig(served, "ns")
+            out["placements"][place] = {"reference": {"native_per_stop_ns": ref},
+                                        "daemon": {"served_per_stop_ns": dmn},
+                                        "ratio": {"per_stop": ratio(dmn, ref)}}
+        return out
+
+    @staticmethod
+    def _gdb_run(gdb: str, n: int, pin: str | None, socket: str | None) -> float:
+        """ns/write of the target under gdb's ``watch``: attached natively (``socket``
+        None) or through ``hwbkpt gdbserver``. gdb ignores every hit (``ignore``), so each
+        write is a stop gdb resumes at once, printing nothing."""
+        def sides(pid: int, addr: int) -> list[Side]:
+            connect = (f"attach {pid}" if socket is None else
+                       f"target remote | {PY} -m hwbkpt._cli --socket {socket} gdbserver {pid}")
+            argv = [gdb, "-nx", "-batch", "-ex", "set pagination off", "-ex", connect,
+                    "-ex", f"watch *(volatile long *){addr:#x}", "-ex", f"ignore 1 {n + 1}",
+                    "-ex", "echo ready\\n", "-ex", "continue", "-ex", "info watchpoints"]
+            name = "gdb (native)" if socket is None else "gdb (hwbkpt gdbserver)"
+            return [(Proc(argv, name=name, pin=pin), "breakpoint", True)]
+
+        ns, res = gated_run(n, sides, pin, 600)
+        # The first write stores the 0 already there: gdb counts only changes.
+        if res[0][:2] != ["already", "hit"] or int(res[0][2]) != n - 1:
+            raise BenchError(f"gdb counted {' '.join(res[0])}; the target changed it {n - 1}"
+                             " times")
+        return ns
+
     # -- threads target helper
     @contextmanager
     def threads_target(self, nthreads: int) -> Iterator[tuple[Proc, int, int, list[int]]]:
@@ -635,6 +685,11 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                 s["ratio"]["new_thread_extra_us"], ""
             yield name, "new thread: start, no watch", \
                 s["reference"]["spawn_baseline_us"], None, None, ""
+        elif name == "gdb":
+            for place, p in s["placements"].items():
+                yield name, f"{place}: per stop, watch+continue, served vs native", \
+                    p["reference"]["native_per_stop_ns"], p["daemon"]["served_per_stop_ns"], \
+                    p["ratio"]["per_stop"], "<= 1.5x"
         elif name == "memory":
             p = s["params"]
             yield name, f"RSS, {p['clients']}x{p['watches_per_client']} watches, " \

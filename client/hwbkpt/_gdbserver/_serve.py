@@ -83,7 +83,7 @@ def serve(client: Client, pid: int, rfd: int, wfd: int) -> int:
                     except BrokenPipeError:
                         session.leave()
                 elif not session.finished:
-                    session.pump_events()
+                    session.pump_events(wait=1.0)  # readable: it returns at once
     finally:
         session.leave()
     return EXIT_OK

@@ -114,12 +114,16 @@ class GdbSession:
         self.exited: str | None = None  # the W/X reply once the process is gone
         self.pending: list[_Stop] = []
         self.regs: dict[int, dict[str, int]] = {}
+        # Memory read during one stop (gdb reads a watched value several times per stop);
+        # emptied whenever a thread may run or memory is written.
+        self.memory: dict[tuple[int, int], bytes] = {}
         self.points: dict[tuple[int, int, int], _Point] = {}
         self.by_watch: dict[int, _Point] = {}
         self.g_thread = pid
         self.multiprocess = False  # thread ids as pPID.TID (the debugger asked for it)
         self.last_stop = _Stop(pid, _SIGTRAP)
         client.attach(pid)
+        self._mem_fd = self._open_mem(pid)
         self._hold_all()
         self._handlers: dict[int, Callable[[bytes], bytes | None]] = {
             ord("?"): self._on_status,
@@ -204,15 +208,16 @@ class GdbSession:
 
     # -- daemon events --------------------------------------------------------------------
 
-    def pump_events(self) -> None:
-        """Handle every event the daemon has sent (waits for none)."""
-        while not self.finished:
-            event = self.client.next_event(timeout=0.001)
-            if event is None:
-                return
+    def pump_events(self, wait: float = 0.0) -> None:
+        """Handle every event the daemon has sent. ``wait`` > 0 reads the daemon's socket
+        (waiting up to that long: call it when the socket is readable); 0 takes only the
+        events already received, without a system call."""
+        event = self.client.next_event(timeout=wait)
+        while event is not None and not self.finished:
             self._on_event(event)
             if self.running:
                 self._report_if_stopped()
+            event = self.client.next_event(timeout=0)
 
     def _on_event(self, event: Event) -> None:
         """Sort one event: stops to report go to :attr:`pending`; holds are recorded."""
@@ -287,6 +292,8 @@ class GdbSession:
 
     def _hold_all(self) -> None:
         """Hold every thread for this debugger; returns once each has stopped (or gone)."""
+        if self.held and self._all_held():
+            return
         try:
             waiting = set(self.client.hold_all(self.pid))
         except NoSuchProcessError:
@@ -307,6 +314,15 @@ class GdbSession:
                 log.warning("threads %s did not stop in time", sorted(waiting - self.held))
                 break
 
+    def _all_held(self) -> bool:
+        """Whether every thread of the process is held for this debugger already (then no
+        thread runs, so none can be created meanwhile: the answer cannot go stale)."""
+        try:
+            tids = {int(t) for t in os.listdir(f"/proc/{self.pid}/task")}
+        except OSError:
+            return False
+        return tids <= self.held
+
     # -- resuming -------------------------------------------------------------------------
 
     def _resume(self, actions: list[tuple[str, int]]) -> bytes | None:
@@ -318,6 +334,7 @@ class GdbSession:
             self._report(self.pending.pop(0))  # report before anything runs (gdbserver)
             return None
         self.running = True
+        self.memory.clear()
         for tid in sorted(self.held):
             # The first action that names the thread applies (gdb's manual, vCont).
             action = next((a for a, t in actions if t in (tid, ALL_THREADS, ANY_THREAD)), None)
@@ -326,10 +343,12 @@ class GdbSession:
             self.held.discard(tid)
             self.regs.pop(tid, None)
             try:
+                # No answer awaited (a failure comes back as an "error" event, logged):
+                # one round trip less per stop.
                 if action == "s":
-                    self.client.step(tid)
+                    self.client.step(tid, wait=False)
                 else:
-                    self.client.resume(tid)
+                    self.client.resume(tid, wait=False)
             except HwbkptError as err:
                 log.info("resuming thread %d: %s", tid, err)
         return None
@@ -364,6 +383,9 @@ class GdbSession:
         except HwbkptError:
             pass
         self.held.clear()
+        if self._mem_fd is not None:
+            os.close(self._mem_fd)
+            self._mem_fd = None
 
     # -- packets --------------------------------------------------------------------------
 
@@ -533,12 +555,41 @@ class GdbSession:
             raise PacketError(f"at most {_MAX_MEMORY:#x} bytes at a time")
         return addr, length
 
+    @staticmethod
+    def _open_mem(pid: int) -> int | None:
+        """/proc/PID/mem for reading, if this user may (proc(5): ptrace access mode
+        ATTACH, the same rule the daemon applies); None sends every read to the daemon."""
+        try:
+            return os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+    def _read(self, addr: int, length: int) -> bytes:
+        """``length`` bytes at ``addr``: from /proc/PID/mem when it was opened (a system
+        call instead of a round trip to the daemon at every stop), else from the daemon.
+        Raises InvalidArgumentError (not mapped) and what ``read_memory`` raises."""
+        if self._mem_fd is not None and addr + length <= 1 << 63:
+            try:
+                got = os.pread(self._mem_fd, length, addr)
+            except OSError:
+                got = b""
+            if len(got) == length:
+                return got
+        return self.client.read_memory(self.pid, addr, length)
+
     def _on_m(self, data: bytes) -> bytes:
         addr, length = self._address(data[1:])
+        cached = self.memory.get((addr, length))
+        if cached is not None and not self.running:
+            return cached
         try:
-            return self.client.read_memory(self.pid, addr, length).hex().encode()
+            reply = self._read(addr, length).hex().encode()
         except InvalidArgumentError:
             pass
+        else:
+            if not self.running and len(self.memory) < 256:
+                self.memory[(addr, length)] = reply
+            return reply
         # Part of the range is not mapped: answer what can be read up to there, as
         # gdbserver does (gdb reads across the end of a mapping when it scans).
         got = b""
@@ -561,6 +612,7 @@ class GdbSession:
         if len(payload) != length:
             raise PacketError("length does not match the data")
         if payload:
+            self.memory.clear()
             self.client.write_memory(self.pid, addr, payload)
         return b"OK"
 
@@ -572,6 +624,7 @@ class GdbSession:
         if len(payload) != length:
             raise PacketError("length does not match the data")
         if payload:
+            self.memory.clear()
             self.client.write_memory(self.pid, addr, payload)
         return b"OK"
 
