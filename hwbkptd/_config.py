@@ -25,3 +25,5 @@ class Config:
     max_queued_events: int = 10000
     stop_timeout: float = 30.0
     park: bool = False
+    notify_ring_kib: int = 2048
+    notify_ring_budget_mib: int = 256

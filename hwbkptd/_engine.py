@@ -85,10 +85,14 @@ class Engine(StopHandling):
         *,
         park: bool = False,
         clock: Callable[[], int] = time.monotonic_ns,
+        int1_faults: bool = False,
     ) -> None:
+        """``int1_faults``: this CPU reports the program's own ``int1`` *at* its 0xF1 byte
+        rather than after it (:func:`hwbkptd._platform.int1_faults` measures it)."""
         self._port = port
         self._emit = emit
         self._park = park
+        self._int1_faults = int1_faults
         self._clock = clock
         self._clients: dict[int, ClientRec] = {}
         self.targets: dict[int, TargetRec] = {}

@@ -52,7 +52,11 @@ Kernel facts this module relies on, each checked by a test in ``tests/test_kerne
   there (state ``t``) until its tracer resumes it: the daemon must ``cont`` exit stops.
 * NOTIFY rings: with 16 data pages the ring holds 2047 samples. A LOST record is written
   only when there is room again and another sample comes, so losses of a thread that filled
-  the ring and then exited show only in the counter (:meth:`BreakpointEvent.unaccounted`).
+  the ring and then exited — or stopped hitting — show only in the counter
+  (:meth:`BreakpointEvent.unaccounted`, :meth:`BreakpointEvent.settle`).
+* Ring memory is locked kernel memory, charged to the user's ``perf_event_mlock_kb`` and then
+  to RLIMIT_MEMLOCK unless the caller has CAP_IPC_LOCK (perf_mmap, kernel/events/core.c);
+  past both the mmap fails with EPERM, and a smaller ring is tried.
 
 Errors: every OSError is translated into the project's exception hierarchy in one place,
 :func:`_translate_errno` (applied by the ``@_oserrors`` decorator), keeping the cause.
@@ -70,6 +74,7 @@ import mmap
 import os
 import signal
 import struct
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, ParamSpec, TypeVar
@@ -130,6 +135,7 @@ __all__ = [
     "threads_of",
     "tracer_of",
     "wait_all",
+    "wait_for",
     "write_memory",
 ]
 
@@ -201,7 +207,9 @@ _BP_TYPE: Final = {
 }
 
 PAGE_SIZE: Final = mmap.PAGESIZE
-# 2**4 data pages = 64 KiB = 2048 samples of 32 bytes (header, ip, pid/tid, time).
+# A notify ring's data pages (a power of two). Each sample takes 32 bytes (header, ip,
+# pid/tid, time): 2**4 pages = 64 KiB = 2047 samples, the smallest ring :class:`BreakpointEvent`
+# falls back to when the kernel refuses a larger one (EPERM past the locked-memory limits).
 RING_DATA_PAGES: Final = 16
 
 # struct user_regs_struct (arch/x86/include/asm/user_64.h), in order.
@@ -614,6 +622,27 @@ def wait_all() -> list[tuple[int, int]]:
         out.append((tid, status))
 
 
+def wait_for(tid: int, timeout: float) -> WaitEvent | None:
+    """One status of one traced child (``waitpid(tid, WNOHANG | __WALL)``), waiting at most
+    ``timeout`` seconds (0: just look); None if none came. For probes that trace a process
+    of their own; the daemon's loop uses :func:`wait_all`. Raises NoSuchProcessError (not a
+    child of this process).
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.0001
+    while True:
+        try:
+            got, status = os.waitpid(tid, os.WNOHANG | _WALL)
+        except ChildProcessError as err:
+            raise NoSuchProcessError(f"process {tid} is not a child of this one") from err
+        if got:
+            return decode_status(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
+
+
 class ChildSignals:
     """A signalfd for SIGCHLD: readable whenever a traced thread changed state.
 
@@ -789,8 +818,13 @@ class BreakpointEvent:
         sig_data: int,
         *,
         wakeup: int = 1,
+        ring_pages: int = RING_DATA_PAGES,
     ) -> None:
         """Open (arm) the event. ``wakeup``: NOTIFY samples per poll wake-up.
+
+        ``ring_pages``: NOTIFY ring data pages wanted (a power of two); when the kernel
+        refuses that much locked memory the ring is halved down to :data:`RING_DATA_PAGES`
+        (``self.ring_pages`` says what it got).
 
         ``wakeup = 1`` wakes the poller at every sample; the daemon still drains in batches,
         since everything that accumulated while it was busy is read at once. A larger value
@@ -806,10 +840,13 @@ class BreakpointEvent:
         self.access = access
         self.mode = mode
         self.sig_data = sig_data
-        self.lost = 0  # total of PERF_RECORD_LOST seen by drain()
+        self.lost = 0  # total of losses reported: LOST records and settle()'s
         self.sampled = 0  # total of samples returned by drain()
         self.throttled = 0
+        self.ring_pages = 0
         self._ring: mmap.mmap | None = None
+        self._presumed = 0  # losses settle() reported that no LOST record has matched yet
+        self._settle_count = -1
         what = f"perf_event_open(tid={tid}, {addr:#x}/{length}/{access.value}/{mode.wire})"
         attr = _perf_attr(addr, length, access, mode, sig_data, max(1, wakeup))
         fd = _syscall(
@@ -826,11 +863,18 @@ class BreakpointEvent:
             raise _translate_errno(err, what) from err
         self.fd: int = fd
         if mode is Mode.NOTIFY:
-            try:
-                self._ring = mmap.mmap(fd, (1 + RING_DATA_PAGES) * PAGE_SIZE)
-            except OSError as err:
-                os.close(fd)
-                raise _translate_errno(err, f"mmap of {what}") from err
+            pages = max(RING_DATA_PAGES, ring_pages)
+            while True:
+                try:
+                    self._ring = mmap.mmap(fd, (1 + pages) * PAGE_SIZE)
+                    break
+                except OSError as err:
+                    if err.errno in (errno.EPERM, errno.ENOMEM) and pages > RING_DATA_PAGES:
+                        pages //= 2
+                        continue
+                    os.close(fd)
+                    raise _translate_errno(err, f"mmap of {what}") from err
+            self.ring_pages = pages
 
     def fileno(self) -> int:
         return self.fd
@@ -858,7 +902,7 @@ class BreakpointEvent:
         # so reading head before the data needs no explicit barrier (perf_event.h's
         # "rmb() after reading data_head" is a compiler barrier there).
         head, tail = struct.unpack_from("QQ", ring, 1024)
-        size = RING_DATA_PAGES * PAGE_SIZE
+        size = self.ring_pages * PAGE_SIZE
         samples: list[tuple[int, int, int]] = []
         lost = 0
         while tail < head:
@@ -873,7 +917,11 @@ class BreakpointEvent:
                 ip, _pid, tid, time = struct.unpack_from("QIIQ", rec, 8)
                 samples.append((tid, ip, time))
             elif rtype == PERF_RECORD_LOST:
-                lost += struct.unpack_from("Q", rec, 16)[0]
+                # Losses settle() already reported are not reported twice.
+                n = struct.unpack_from("Q", rec, 16)[0]
+                absorbed = min(n, self._presumed)
+                self._presumed -= absorbed
+                lost += n - absorbed
             elif rtype == PERF_RECORD_THROTTLE:
                 self.throttled += 1
             if rsize == 0:  # never expected; do not spin on a corrupt ring
@@ -892,6 +940,26 @@ class BreakpointEvent:
         was drained; while it runs, samples still being written make it transiently > 0.
         """
         return self.read_count() - self.sampled - self.lost
+
+    def settle(self) -> int:
+        """NOTIFY, right after :meth:`drain`: losses no LOST record will report soon.
+
+        The kernel writes a LOST record only when the next sample comes, so a thread that
+        overflowed the ring and then stopped hitting would hide its losses until it hits
+        again. Called periodically: when the counter has not moved since the previous call,
+        every sample has been written, and whatever is neither sampled nor reported is
+        lost; it is returned (and added to ``self.lost``). A LOST record that comes later
+        for the same samples is not counted again.
+        """
+        count = self.read_count()
+        quiet = count == self._settle_count
+        self._settle_count = count
+        missing = count - self.sampled - self.lost
+        if not quiet or missing <= 0:
+            return 0
+        self._presumed += missing
+        self.lost += missing
+        return missing
 
     def close(self) -> None:
         """Disarm: unmap the ring and close the fd. Idempotent."""

@@ -77,6 +77,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "before that client is disconnected and its stops released; a client may stay at a "
         "stop as long as it likes once it has read the event",
     )
+    parser.add_argument(
+        "--notify-ring",
+        type=_positive_int,
+        default=2048,
+        metavar="KIB",
+        help="sample ring of each notify-mode breakpoint (default 2048 KiB: 65,535 hits, a "
+        "third of a second of a thread hitting at full speed); rounded down to a power of two",
+    )
+    parser.add_argument(
+        "--notify-ring-budget",
+        type=_positive_int,
+        default=256,
+        metavar="MIB",
+        help="locked memory for all notify rings together (default 256 MiB); past it, new rings "
+        "get 64 KiB",
+    )
     # Hidden: park each held thread in an interrupt stop before reporting it (see
     # _engine.py). Measured to buy nothing on 6.x kernels; kept to measure it again.
     parser.add_argument("--park", action="store_true", help=argparse.SUPPRESS)
@@ -90,6 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_queued_events=args.max_queued_events,
         stop_timeout=args.stop_timeout,
         park=args.park,
+        notify_ring_kib=args.notify_ring,
+        notify_ring_budget_mib=args.notify_ring_budget,
     )
 
 

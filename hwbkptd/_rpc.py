@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from hwbkpt_proto import (
+    HwbkptError,
     InvalidArgumentError,
     LimitExceededError,
     NoSpaceError,
@@ -27,7 +28,9 @@ from hwbkptd import _kernel
 from hwbkptd._auth import Peer, authorize
 from hwbkptd._config import Config
 from hwbkptd._engine import Engine, WatchRec
+from hwbkptd._kernel import PAGE_SIZE
 from hwbkptd._model import USER_SPACE_END, Access, Mode, Spec, check_spec
+from hwbkptd._platform import probe_int1
 from hwbkptd._rawdr import RawDebugRegisters
 from hwbkptd._region import split_region
 from hwbkptd._server import ClientHandle
@@ -112,6 +115,17 @@ class Params:
 Handler = Callable[[ClientHandle, Params], Any]
 
 
+def _int1_kind() -> str:
+    """Measure whether ``int1`` traps or faults on this CPU (the empty-DR6 rule needs it)."""
+    try:
+        finding = probe_int1()
+    except (HwbkptError, OSError) as err:
+        log.warning("cannot tell whether int1 traps or faults here (%s): assuming it traps", err)
+        return "trap"
+    log.info("platform: int1 is %s", finding.found)
+    return str(finding.value) if finding.value in ("trap", "fault") else "trap"
+
+
 class EngineBackend:
     """The :class:`hwbkptd._server.Backend` that serves watches with the real kernel."""
 
@@ -130,8 +144,11 @@ class EngineBackend:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.port = KernelPort()
-        self.engine = Engine(self.port, self._emit, park=config.park)
+        self.port = KernelPort(config.notify_ring_kib, config.notify_ring_budget_mib)
+        self.platform = {"int1": _int1_kind()}
+        self.engine = Engine(
+            self.port, self._emit, park=config.park, int1_faults=self.platform["int1"] == "fault"
+        )
         self.tracer = Tracer(self.engine, self.port, batch=self._batch)
         self.rawdr = RawDebugRegisters(self.engine)
         self._clients: dict[int, ClientHandle] = {}
@@ -191,6 +208,8 @@ class EngineBackend:
             "targets": self.engine.status(),
             "counters": dict(self.engine.counters)
             | {"sigchld_wakeups": self.tracer.wakeups, "hot_rounds": self.tracer.hot_rounds},
+            "platform": self.platform
+            | {"notify_ring_kib": self.port.ring_pages * PAGE_SIZE // 1024},
             "clients": {
                 cid: {"watches": self.engine.client_watch_count(cid)} for cid in self._clients
             },

@@ -11,12 +11,16 @@ step the daemon requested. Those are suppressed. Anything else — ``kill``, the
 own ``int3``, a trap flag it set itself — is delivered unchanged when the thread resumes,
 even if the same stop also carried hits of ours. One exception: a ``TRAP_BRKPT`` trap on a
 thread that carries (or carried) our breakpoints, with no step of ours in flight and not
-following the program's own ``int1`` (byte 0xF1), is a debug exception whose DR6 came back
-empty — the kernel reports those as ``int1`` — which happens under virtualisation (here:
-about once in 20,000 stops while the guest was busy; ``si_addr`` was right after the
-watched store). It is our breakpoint's (nothing else on the thread raises debug
-exceptions), so it is suppressed; the kernel did not count it, so with one slot on the
-thread it is credited to that slot as a hit, and with several it is reported as lost.
+the program's own ``int1`` (byte 0xF1), is a debug exception whose DR6 came back empty —
+the kernel reports those as ``int1`` — which happens under virtualisation (here: about
+once in 20,000 stops while the guest was busy; ``si_addr`` was right after the watched
+store). Where the program's ``int1`` is depends on the CPU: on most it is a trap and
+``si_addr`` follows the 0xF1 byte; on some (an AMD EPYC under KVM) it is a fault and
+``si_addr`` is the byte itself. The daemon measures which at start-up
+(:func:`hwbkptd._platform.int1_faults`) and looks at the right byte. Such a trap is our
+breakpoint's (nothing else on the thread raises debug exceptions), so it is suppressed;
+the kernel did not count it, so with one slot on the thread it is credited to that slot as
+a hit, and with several it is reported as lost.
 
 *Holds.* A stop is reported to every client with a stop-mode watch that advanced (and to
 a client whose step completed); the thread runs again only when every one of them has
@@ -81,6 +85,7 @@ class StopHandling:
     _port: Port
     _emit: Emit
     _park: bool
+    _int1_faults: bool
     _clock: Callable[[], int]
     _clients: dict[int, ClientRec]
     targets: dict[int, TargetRec]
@@ -470,15 +475,17 @@ class StopHandling:
     def _empty_dr6_trap(self, thread: ThreadRec, after: int) -> bool:
         """Whether a ``TRAP_BRKPT`` with no step of ours in flight is a debug exception of
         our breakpoints whose DR6 came back empty (the kernel's "icebp" case) rather than
-        the program's own ``int1`` ending at ``after``. Without DR6 the kernel neither
+        the program's own ``int1`` (ending at ``after``, or starting there where ``int1`` is
+        a fault). Without DR6 the kernel neither
         counted nor sampled the hit, nor raised the breakpoint's own SIGTRAP. With one slot
         on the thread the hit can only be that slot's (the caller credits it); with more,
         nobody knows which fired, and every owner of a watch on the thread is told a hit
         may be lost. A thread whose slots were all closed meanwhile (the trap was already
         on its way) still has it suppressed: it had our breakpoints, and nothing else on
         it raises debug exceptions."""
+        where = after if self._int1_faults else after - 1
         try:
-            own_int1 = self._port.read_memory(thread.pid, after - 1, 1) == b"\xf1"
+            own_int1 = self._port.read_memory(thread.pid, where, 1) == b"\xf1"
         except HwbkptError:
             own_int1 = True  # cannot tell: the program's own trap, as before
         if own_int1:

@@ -531,10 +531,14 @@ class Emitted:
 class Harness:
     """An engine on a fake kernel; ``settle`` plays the tracer loop of hwbkptd/_tracer.py."""
 
-    def __init__(self, *, park: bool = True, eager: bool = False) -> None:
+    def __init__(
+        self, *, park: bool = True, eager: bool = False, int1_faults: bool = False
+    ) -> None:
         self.kernel = FakeKernel(eager=eager)
         self.emitted: list[Emitted] = []
-        self.engine = Engine(self.kernel, self._emit, park=park, clock=lambda: 42)
+        self.engine = Engine(
+            self.kernel, self._emit, park=park, clock=lambda: 42, int1_faults=int1_faults
+        )
 
     def _emit(self, cid: int, kind: str, fields: dict[str, Any], droppable: bool) -> None:
         self.emitted.append(Emitted(cid, kind, dict(fields)))

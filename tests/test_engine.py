@@ -401,21 +401,40 @@ def test_trap_with_empty_dr6_after_the_threads_slots_closed_is_still_ours() -> N
     assert h.take() == []  # nobody has a watch on that thread any more
 
 
+@pytest.mark.parametrize("int1_faults", [False, True], ids=["int1 traps", "int1 faults"])
 @pytest.mark.parametrize("case", ["own int1", "unreadable", "no breakpoint on the thread"])
-def test_trap_brkpt_that_may_be_the_programs_is_delivered(case: str) -> None:
-    h, [tid, other] = setup(2)
+def test_trap_brkpt_that_may_be_the_programs_is_delivered(case: str, int1_faults: bool) -> None:
+    """Where int1 traps, si_addr follows its 0xF1 byte; where it faults, si_addr is it."""
+    h, [tid, other] = setup(2, int1_faults=int1_faults)
     h.kernel.handled.add(SIGTRAP)
     h.engine.watch(1, PID, X, Mode.COUNT, tid=other if case.startswith("no ") else None)
     h.take()
+    byte = 0x5000 if int1_faults else 0x4FFF
     if case == "own int1":
-        h.kernel.memory[0x4FFF] = 0xF1
+        h.kernel.memory[byte] = 0xF1
     elif case == "unreadable":
-        h.kernel.unmapped.add(0x4FFF)
+        h.kernel.unmapped.add(byte)
     h.kernel.queue_signal(tid, SIGTRAP, SigInfo(TRAP_BRKPT, 0, addr=0x5000))
     h.settle()
     assert h.kernel.delivered == [(tid, SIGTRAP)]
     assert h.take() == []
     assert h.engine.counters["empty_dr6_traps"] == 0
+
+
+@pytest.mark.parametrize("int1_faults", [False, True], ids=["int1 traps", "int1 faults"])
+def test_empty_dr6_trap_is_judged_by_the_byte_this_cpu_reports(int1_faults: bool) -> None:
+    """A watched store whose last byte is 0xF1 (say, in its displacement), followed by an
+    empty-DR6 trap: where int1 faults that byte is not an int1 and the trap is ours; where it
+    traps, the byte before si_addr is all anyone can look at, and the trap is delivered."""
+    h, [tid] = setup(int1_faults=int1_faults)
+    h.kernel.handled.add(SIGTRAP)
+    h.engine.watch(1, PID, X, Mode.COUNT)
+    h.take()
+    h.kernel.memory[0x4FFF] = 0xF1
+    h.kernel.queue_signal(tid, SIGTRAP, SigInfo(TRAP_BRKPT, 0, addr=0x5000))
+    h.settle()
+    assert h.engine.counters["empty_dr6_traps"] == int(int1_faults)
+    assert h.kernel.delivered == ([] if int1_faults else [(tid, SIGTRAP)])
 
 
 def test_hit_of_ours_together_with_a_foreign_sigtrap_delivers_it_and_still_stops() -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from hwbkpt import _demo, _drcmd, _top, _watchcmd
+from hwbkpt import _demo, _drcmd, _selftest, _top, _watchcmd
 from hwbkpt._blocking import Client
 from hwbkpt._gdbserver import _serve as _gdbserver
 from hwbkpt._session import DEFAULT_SOCKET, SOCKET_ENV, DaemonUnavailableError
@@ -39,6 +39,7 @@ class Command:
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[Client, argparse.Namespace], int]
+    needs_daemon: bool = True
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -189,6 +190,10 @@ COMMANDS: dict[str, Command] = {
         "a short narrated run: three clients sharing one thread's slots",
         _demo.configure, _demo.run,
     ),
+    "selftest": Command(
+        "probe what this kernel and CPU do that the daemon relies on (root; no daemon needed)",
+        _selftest.configure, _selftest.run, needs_daemon=False,
+    ),
 }
 
 
@@ -231,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hwbkpt``; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
+    if not command.needs_daemon:
+        return command.run(None, args)  # type: ignore[arg-type]
     try:
         with Client(args.socket, name="hwbkpt", timeout=args.timeout) as client:
             return command.run(client, args)
