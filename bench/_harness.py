@@ -390,39 +390,50 @@ class Bench:
         gdb = shutil.which("gdb")
         if gdb is None:
             raise BenchError("gdb is not installed (make deps installs it)")
+        gdbserver = shutil.which("gdbserver")
         out: dict[str, Any] = {"params": {"n": n}, "placements": {},
                                "goal": {"per_stop_ratio_max": 1.5}}
         for place, pin in (("unpinned", None), ("cpu0", "0")):
             base = statistics.median(self.baseline(pin))
             native: list[float] = []
+            stub: list[float] = []
             served: list[float] | dict[str, Any] = []
             with self.d.pinned(pin):
                 for _ in range(self.s.runs):
-                    native.append(self._gdb_run(gdb, n, pin, None) - base)
+                    native.append(self._gdb_run(gdb, n, pin, "attach {pid}") - base)
+                    if gdbserver is not None:
+                        stub.append(self._gdb_run(
+                            gdb, n, pin, f"target remote | {gdbserver} --attach - {{pid}}") - base)
                     if isinstance(served, list):
-                        d = self.daemon_runs(1, partial(self._gdb_run, gdb, n, pin,
-                                                        self.d.socket))
+                        connect = (f"target remote | {PY} -m hwbkpt._cli --socket "
+                                   f"{self.d.socket} gdbserver {{pid}}")
+                        d = self.daemon_runs(1, partial(self._gdb_run, gdb, n, pin, connect))
                         served = d if isinstance(d, dict) else [*served, d[0] - base]
             ref = fig(native, "ns")
+            reff: dict[str, Any] = {"native_per_stop_ns": ref}
+            reff["gdbserver_per_stop_ns"] = fig(stub, "ns") if stub else {
+                "error": "Debian's gdbserver is not installed (make deps installs it)"}
             dmn = served if isinstance(served, dict) else fig(served, "ns")
-            out["placements"][place] = {"reference": {"native_per_stop_ns": ref},
-                                        "daemon": {"served_per_stop_ns": dmn},
-                                        "ratio": {"per_stop": ratio(dmn, ref)}}
+            out["placements"][place] = {
+                "reference": reff, "daemon": {"served_per_stop_ns": dmn},
+                "ratio": {"per_stop": ratio(dmn, ref),
+                          "per_stop_vs_gdbserver": ratio(dmn, fig(stub, "ns")) if stub else None,
+                          "gdbserver_vs_native": ratio(fig(stub, "ns"), ref) if stub else None}}
         return out
 
     @staticmethod
-    def _gdb_run(gdb: str, n: int, pin: str | None, socket: str | None) -> float:
-        """ns/write of the target under gdb's ``watch``: attached natively (``socket``
-        None) or through ``hwbkpt gdbserver``. gdb ignores every hit (``ignore``), so each
-        write is a stop gdb resumes at once, printing nothing."""
+    def _gdb_run(gdb: str, n: int, pin: str | None, connect: str) -> float:
+        """ns/write of the target under gdb's ``watch``, gdb reaching it with ``connect``
+        (``{pid}`` filled in): attached by itself, through Debian's gdbserver, or through
+        ``hwbkpt gdbserver``. gdb ignores every hit (``ignore``), so each write is a stop
+        gdb resumes at once, printing nothing."""
         def sides(pid: int, addr: int) -> list[Side]:
-            connect = (f"attach {pid}" if socket is None else
-                       f"target remote | {PY} -m hwbkpt._cli --socket {socket} gdbserver {pid}")
-            argv = [gdb, "-nx", "-batch", "-ex", "set pagination off", "-ex", connect,
+            argv = [gdb, "-nx", "-batch", "-ex", "set pagination off",
+                    "-ex", connect.format(pid=pid),
                     "-ex", f"watch *(volatile long *){addr:#x}", "-ex", f"ignore 1 {n + 1}",
                     "-ex", "echo ready\\n", "-ex", "continue", "-ex", "info watchpoints"]
-            name = "gdb (native)" if socket is None else "gdb (hwbkpt gdbserver)"
-            return [(Proc(argv, name=name, pin=pin), "breakpoint", True)]
+            return [(Proc(argv, name=f"gdb ({connect.split()[0]} ...)", pin=pin),
+                     "breakpoint", True)]
 
         ns, res = gated_run(n, sides, pin, 600)
         # The first write stores the 0 already there: gdb counts only changes.
@@ -690,6 +701,9 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                 yield name, f"{place}: per stop, watch+continue, served vs native", \
                     p["reference"]["native_per_stop_ns"], p["daemon"]["served_per_stop_ns"], \
                     p["ratio"]["per_stop"], "<= 1.5x"
+                yield name, f"{place}: per stop, served vs Debian gdbserver", \
+                    p["reference"]["gdbserver_per_stop_ns"], \
+                    p["daemon"]["served_per_stop_ns"], p["ratio"]["per_stop_vs_gdbserver"], ""
         elif name == "memory":
             p = s["params"]
             yield name, f"RSS, {p['clients']}x{p['watches_per_client']} watches, " \
