@@ -9,6 +9,7 @@ identical, addresses and pids aside. Programs, daemon and gdbs are killed at tea
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable
 
@@ -314,3 +315,29 @@ def test_slot_beyond_four_fails_at_continue_and_goes_in_once_one_is_deleted(
     assert "exited normally]" in a.wait(mark_a)
     assert proc.wait() == 0
     peek.close()
+
+
+@pytest.mark.timeout(120)
+def test_simultaneous_hits_of_two_threads_are_each_reported_once(
+    target: Start, daemon: Daemon, gdb_factory: StartGdb
+) -> None:
+    # Both workers leave their barrier together and store to their own slot at once: a
+    # stop that comes while another is being reported waits for the next continue.
+    n = 3
+    proc = target("tbarrier", 2, n)
+    gdb = served_gdb(gdb_factory, daemon, proc)
+    gdb.cmd("watch slots[0]")
+    gdb.cmd("watch slots[8]")
+    mark = gdb.send("continue")
+    proc.go()
+    out = gdb.wait(mark)
+    for _ in range(2 * n):
+        out += gdb.cmd("continue")
+    seen: dict[str, list[int]] = {"slots[0]": [], "slots[8]": []}
+    for name, value in re.findall(
+        r"Hardware watchpoint \d: (slots\[\d\])\n\nOld value = \d+\nNew value = (\d+)", out
+    ):
+        seen[name].append(int(value))
+    assert seen == {"slots[0]": [1, 2, 3], "slots[8]": [1, 2, 3]}, out
+    assert "exited normally]" in out
+    assert proc.wait() == 0
