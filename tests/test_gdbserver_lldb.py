@@ -2,7 +2,8 @@
 
 The debuggers run whole scripts in batch mode, all at once: each holds the program at its
 own stops, so their stops come in program order whatever the scheduling, and each script
-simply continues from one of its own stops to the next.
+simply continues from one of its own stops to the next. The program's gate opens once the
+daemon shows every debugger's breakpoints inserted.
 """
 
 from __future__ import annotations
@@ -42,16 +43,20 @@ def lldb_port(daemon: Daemon, pid: int) -> Iterator[str]:
         assert server.wait(30) == 0
 
 
-def wait_held_by(client: hwbkpt.Client, pid: int, count: int) -> None:
-    """Wait until ``count`` clients hold the main thread (each debugger has attached)."""
+def wait_running_with(client: hwbkpt.Client, pid: int, keys: set[tuple[int, str]]) -> None:
+    """Wait until the main thread carries every ``(addr, access)`` of ``keys``: each
+    debugger has attached, inserted its breakpoints (gdb and lldb insert them only when
+    they resume, and remove them at each stop) and continued."""
 
-    def holders() -> int:
+    def carried() -> set[tuple[int, str]]:
         for t in client.status()["targets"]:
             if t["pid"] == pid:
-                return max(len(th["held_by"]) for th in t["threads"] if th["tid"] == pid)
-        return 0
+                for th in t["threads"]:
+                    if th["tid"] == pid:
+                        return {(s["addr"], s["access"]) for s in th["slots"]}
+        return set()
 
-    wait_until(lambda: holders() >= count, what=f"{count} debuggers to attach")
+    wait_until(lambda: keys <= carried(), what=f"the debuggers to insert {keys}")
 
 
 @pytest.mark.timeout(120)
@@ -66,7 +71,7 @@ def test_lldb_watchpoint_breakpoint_registers_memory_detach(
             "detach",
         ])
         with hwbkpt.Client(daemon.socket, name="peek") as peek:
-            wait_held_by(peek, proc.pid, 1)
+            wait_running_with(peek, proc.pid, {(info_int(proc, "addr"), "w")})
         proc.go()
         out = lldb.output()
     assert "stop reason = watchpoint 1" in out, out
@@ -95,8 +100,9 @@ def test_two_gdbs_one_lldb_and_a_counter_each_see_their_own_stops(
         server = server_command(daemon.socket, proc.pid)
         a = batch_factory("gdb", program, server, ["watch var"] + ["continue"] * (n + 1))
         b = batch_factory("gdb", program, server, ["watch var2"] + ["continue"] * (n + 1))
-        # Each debugger holds the program from its attach until its first continue.
-        wait_held_by(counter, proc.pid, 3)
+        wait_running_with(counter, proc.pid, {
+            (info_int(proc, "addr"), "w"), (info_int(proc, "addr2"), "w"),
+            (info_int(proc, "func"), "x")})
         proc.go()
         out_lldb, out_a, out_b = lldb.output(), a.output(), b.output()
     assert proc.wait() == 0
