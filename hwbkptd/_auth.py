@@ -24,13 +24,9 @@ CAP_SYS_PTRACE = 19
 def has_cap_sys_ptrace(pid: int) -> bool:
     """Whether process ``pid`` (a peer) has CAP_SYS_PTRACE in its effective set."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
-    except OSError:
+        return bool(_kernel.effective_caps(pid) >> CAP_SYS_PTRACE & 1)
+    except HwbkptError:
         return False
-    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +56,8 @@ def authorize(peer: Peer, target: int) -> None:
     """
     if target == os.getpid():
         raise PermissionDeniedError(
-            f"process {target} is hwbkptd itself; nobody may set watches on the daemon"
+            f"process {target} is hwbkptd itself: the daemon never traces itself, so nobody "
+            "may watch it, stop it, or read or write its registers or memory through it"
         )
     if target <= 0:
         raise NoSuchProcessError(f"there is no process {target}")

@@ -9,11 +9,17 @@ the write); otherwise it is queued, and the connection's writer task sends every
 queued in one ``send_all``. The tracer *corks* every connection while it handles one
 wake-up, so all the events of that wake-up leave in one write per client.
 
-Responses are never dropped. Events are bounded per client (``max_queued_events``, a
-``hits`` batch weighing the hits it holds): a droppable event that finds the queue full is
-counted and dropped, and the client gets a ``lost`` event with the count as soon as it reads
-again; an event that must not be lost (``stop``) finding the queue full disconnects the
-client, whose holds the backend then releases (DESIGN.md §7).
+Responses are never dropped. Events are bounded per client in two rooms of
+``max_queued_events`` each. *Hits* (``hit``, a ``hits`` batch weighing the hits it holds,
+and the ``lost`` of a ring overflow) fill the first: one that finds it full is counted and
+dropped, and the client gets a ``lost`` event with the count as soon as it reads again (or
+before its next control event, whichever comes first). *Control events* — everything that
+must not be dropped: ``exit``, ``exec``, ``installed``, ``uninstalled``, ``throttled``,
+``stop``, ``error`` and those ``lost`` summaries — have the second room to themselves, so a
+client whose hits filled its queue keeps its connection and learns what it lost and how the
+process ended (issue 10, point 4). Only a client that lets the control room fill as well
+(it has stopped reading altogether) is disconnected, and the backend releases its holds; a
+``stop`` it does not take within ``--stop-timeout`` disconnects it sooner (DESIGN.md §7).
 
 Reading is here too (:meth:`ClientHandle.read_some`): one non-blocking read of the socket,
 handed to the server's handler. The connection's reader task calls it when trio says the
@@ -96,9 +102,11 @@ class ClientHandle:
         self._conn = Connection(Limits())
         self._max_queued_events = max_queued_events
         self._cancel_scope = cancel_scope
-        # Encoded messages waiting for the writer, and how many of them are events.
+        # Encoded messages waiting for the writer, how many of them are events, and how
+        # many of those are control events (the room of their own, module docstring).
         self._out: collections.deque[bytes] = collections.deque()
         self._queued_events = 0
+        self._queued_control = 0
         self._lost = 0
         self._wakeup = trio.lowlevel.ParkingLot()
         self._fd = -1  # the connection's socket, once the server has it (for direct writes)
@@ -127,33 +135,36 @@ class ClientHandle:
     def send_event(self, kind: str, fields: dict[str, Any], *, droppable: bool = True) -> bool:
         """Queue the event ``kind`` with ``fields`` for this client; never blocks.
 
-        Call it from any trio task of the main thread. When the client's queue already holds
-        ``max_queued_events`` events, a droppable event is counted and dropped (the client
-        gets a ``lost`` event before the next one that fits) and a non-droppable one
-        disconnects the client. Returns ``False`` if the event was not queued.
+        Call it from any trio task of the main thread. ``droppable`` events (hits) that find
+        ``max_queued_events`` hits queued are counted and dropped (the client gets a
+        ``lost`` event before the next control event, or when it reads again); the others
+        (control events) have a room of the same size of their own, and only one finding
+        that full too disconnects the client. Returns ``False`` if the event was not queued.
 
         Raises :class:`ProtocolError` if ``fields`` cannot be encoded (a backend bug).
         """
         if self.closing:
             return False
-        if self._queued_events >= self._max_queued_events:
-            if droppable:
-                # A dropped ``lost`` event (ring overflow) carries its own count.
-                if kind == "lost":
-                    count = fields.get("count", 1)
-                elif kind == "hits":
-                    count = len(fields.get("tid", ()))  # a batch: every hit in it is lost
-                else:
-                    count = 1
-                self._lost += count if type(count) is int and count > 0 else 1
-                self.events_dropped += 1
-                if self._server_counters is not None:
-                    self._server_counters.events_dropped += 1
+        control = not droppable
+        if control:
+            if self._queued_control >= self._max_queued_events:
+                self.disconnect(
+                    f"the client did not read its events: {self._queued_control} control "
+                    f"events are queued and a {kind!r} event cannot be dropped"
+                )
                 return False
-            self.disconnect(
-                f"the client did not read its events: {self._queued_events} are queued "
-                f"and a {kind!r} event cannot be dropped"
-            )
+        elif self._queued_events - self._queued_control >= self._max_queued_events:
+            # A dropped ``lost`` event (ring overflow) carries its own count.
+            if kind == "lost":
+                count = fields.get("count", 1)
+            elif kind == "hits":
+                count = len(fields.get("tid", ()))  # a batch: every hit in it is lost
+            else:
+                count = 1
+            self._lost += count if type(count) is int and count > 0 else 1
+            self.events_dropped += 1
+            if self._server_counters is not None:
+                self._server_counters.events_dropped += 1
             return False
         data = self._conn.send(Notification(kind, fields))
         if kind == "stop" and self._stop_queued_at is None:
@@ -162,7 +173,8 @@ class ClientHandle:
             self._report_lost()
         # A batch of hits weighs what it holds: the limit is on events a client has not
         # read, and a batch may overshoot it by its own size.
-        self._enqueue(data, events=len(fields.get("tid", ())) if kind == "hits" else 1)
+        events = len(fields.get("tid", ())) if kind == "hits" else 1
+        self._enqueue(data, events=events, control=events if control else 0)
         if not self._out and not self._writing:
             self._stop_queued_at = None  # written at once: taken
         return True
@@ -197,17 +209,19 @@ class ClientHandle:
 
     # -- used by the server -------------------------------------------------------------
 
-    def _enqueue(self, data: bytes, *, events: int = 0) -> None:
-        """Send ``data`` (holding ``events`` events, 0 for a response) in order."""
+    def _enqueue(self, data: bytes, *, events: int = 0, control: int = 0) -> None:
+        """Send ``data`` (holding ``events`` events, 0 for a response, ``control`` of them
+        control events) in order."""
         if not self._out and not self._writing and not self._corked:
-            self._write_now(data, events)
+            self._write_now(data, events, control)
             return
         self._out.append(data)
         self._queued_events += events
+        self._queued_control += control
         if not self._corked:
             self._wakeup.unpark_all()
 
-    def _write_now(self, data: bytes, events: int) -> None:
+    def _write_now(self, data: bytes, events: int, control: int = 0) -> None:
         """Write at once if the socket takes it; the rest goes to the writer task.
 
         This is the per-hit path (a stop event, a batch of hits, a response), where a
@@ -229,6 +243,7 @@ class ClientHandle:
             return
         self._out.append(data[sent:])
         self._queued_events += events
+        self._queued_control += control
         self._wakeup.unpark_all()
 
     def read_some(self) -> bool | None:
@@ -271,8 +286,9 @@ class ClientHandle:
             return
         data = b"".join(self._out)
         events, self._queued_events = self._queued_events, 0
+        control, self._queued_control = self._queued_control, 0
         self._out.clear()
-        self._write_now(data, events)
+        self._write_now(data, events, control)
         if not self._out and not self._writing:
             self._stop_queued_at = None
 
@@ -297,7 +313,7 @@ class ClientHandle:
             batch = b"".join(self._out)
             sent_events = self._queued_events
             self._out.clear()
-            self._queued_events = 0
+            self._queued_events = self._queued_control = 0
             self._stop_sending_at, self._stop_queued_at = self._stop_queued_at, None
             self._writing = True
             try:
@@ -308,13 +324,18 @@ class ClientHandle:
             self.events_sent += sent_events
             if self._server_counters is not None:
                 self._server_counters.events_sent += sent_events
-            if self._lost and not self.closing and self._queued_events < self._max_queued_events:
+            hits_queued = self._queued_events - self._queued_control
+            if self._lost and not self.closing and hits_queued < self._max_queued_events:
                 # The client is reading again: report what it lost now, not only before
                 # the next event (which may never come).
                 self._report_lost()
 
     def _report_lost(self) -> None:
+        """Queue the ``lost`` summary of the hits dropped so far: a control event (it is
+        what makes the drops visible, so it is never dropped itself)."""
         lost, self._lost = self._lost, 0
         self._enqueue(
-            self._conn.send(Notification("lost", {"count": lost, "what": "hit"})), events=1
+            self._conn.send(Notification("lost", {"count": lost, "what": "hit"})),
+            events=1,
+            control=1,
         )

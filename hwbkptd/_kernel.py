@@ -79,6 +79,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, ParamSpec, TypeVar
 
+import psutil
+
 from hwbkpt_proto._errors import (
     BusyError,
     DebugRegisterIOError,
@@ -116,16 +118,20 @@ __all__ = [
     "cont",
     "decode_status",
     "detach",
+    "effective_caps",
+    "exit_state",
     "forget_memory",
     "geteventmsg",
     "getregs",
     "getsiginfo",
+    "gone_message",
     "interrupt",
     "listen",
     "peekuser",
     "pending_signals",
     "pokeuser",
     "proc_creds",
+    "process_name",
     "read_memory",
     "seize",
     "setregs",
@@ -239,26 +245,96 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _translate_errno(err: OSError, what: str, *, memory: bool = False) -> HwbkptError:
-    """Map an OSError from a syscall into the project's exception for it."""
+def exit_state(n: int) -> str | None:
+    """How process or thread ``n`` has ended, from ``/proc/N/stat`` (field 3, the state):
+    ``"missing"`` (no such id: it never existed, or it was reaped), ``"zombie"`` (state
+    ``Z``: it exited and its parent has not reaped it yet; ``X``, dead, is treated alike),
+    or ``None`` while it lives."""
+    try:
+        with open(f"/proc/{n}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return "missing"
+    # field 2 (comm) may contain spaces and parentheses: the state follows the last ')'.
+    end = stat.rfind(b")")
+    state = stat[end + 2 : end + 3] if end >= 0 else b""
+    return "zombie" if state in (b"Z", b"X") else None
+
+
+def gone_message(n: int, noun: str = "process") -> str | None:
+    """Why process or thread ``n`` (``noun``) cannot be acted on because it is not there,
+    in the user's terms; ``None`` if it is alive. A zombie thread that leads its thread
+    group is named as the process it is; one whose process has other threads left is the
+    main thread that exited before them (it cannot be traced, they still can)."""
+    state = exit_state(n)
+    if state is None:
+        return None
+    if state == "missing":
+        return f"{noun} {n} does not exist"
+    try:
+        status = _status_fields(f"/proc/{n}/status")
+        leader = int(status["Tgid"]) == n
+        others = int(status.get("Threads", "1")) > 1
+    except (OSError, KeyError, ValueError):
+        leader, others = noun == "process", False
+    if leader and others:
+        return (
+            f"the main thread of process {n} has exited while other threads of it run; "
+            "a zombie thread cannot be traced: watch one of the others by tid"
+        )
+    return f"{'process' if leader else noun} {n} has exited (zombie, not yet reaped by its parent)"
+
+
+def _translate_errno(
+    err: OSError, what: str, *, memory: bool = False, who: tuple[str, int] | None = None
+) -> HwbkptError:
+    """Map an OSError from a syscall into the project's exception for it, with a message in
+    the user's terms: ``what`` says what the daemon was doing ("attach to thread 812");
+    ``who`` — ``("process", pid)`` or ``("thread", tid)`` — is what the call was about, so
+    that a failure because it does not exist or has exited says exactly that.
+
+    ``PTRACE_SEIZE`` of a zombie (exited, not yet reaped) answers EPERM, not ESRCH
+    (kernel/ptrace.c, ``ptrace_attach``: ``retval = -EPERM`` stands when ``task->exit_state``
+    is set; measured by tests/test_zombie.py): an EPERM about a process that has exited is
+    therefore a NoSuchProcessError.
+    """
     code = err.errno if err.errno is not None else 0
     reason = os.strerror(code) if code else str(err)
     if memory and code in (errno.EIO, errno.EFAULT):
         # /proc/PID/mem answers EIO (and the kernel EFAULT) for an address that is not
         # mapped or not accessible: a bad argument from the client, not a register error.
-        return InvalidArgumentError(f"{what}: address range not mapped in the target ({reason})")
+        return InvalidArgumentError(
+            f"cannot {what}: the address range is not mapped in the process ({reason})"
+        )
     cls = _ERRNO_CLASS.get(code, InternalError)
+    if cls in (NoSuchProcessError, PermissionDeniedError) and who is not None:
+        gone = gone_message(who[1], who[0])
+        if gone is not None:
+            return NoSuchProcessError(gone)
     if cls is NoSuchProcessError:
-        return cls(f"{what}: no such process or thread (it has exited?)")
+        if who is not None:
+            # It exists, but ptrace says ESRCH: it is not (or no longer) stopped under the
+            # daemon (man 2 ptrace, ERRORS).
+            return cls(f"cannot {what}: {who[0]} {who[1]} is not stopped under the daemon")
+        return cls(f"cannot {what}: the process has exited")
     if cls is NoSpaceError:
-        return cls(f"{what}: all hardware breakpoint slots of the thread are in use")
+        return cls(f"cannot {what}: all hardware breakpoint slots of the thread are in use")
     if cls is PermissionDeniedError:
-        return cls(f"{what}: permission denied ({reason}); is it traced by someone else?")
-    return cls(f"{what}: {reason}")
+        return cls(
+            f"cannot {what}: the kernel refused ({reason}); is it traced by someone else?"
+        )
+    return cls(f"cannot {what}: {reason}")
 
 
-def _oserrors(what: str, *, memory: bool = False) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Decorator: translate OSError raised by the call (``raise … from err``)."""
+def _oserrors(
+    what: str, *, who: str | None = None, memory: bool = False
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorator: translate OSError raised by the call (``raise … from err``).
+
+    ``what`` is a format string over the call's positional arguments saying in the user's
+    terms what was being done (``"attach to thread {0}"``); ``who`` (``"process"`` or
+    ``"thread"``) says that the first argument is a pid or a tid (see _translate_errno).
+    """
 
     def decorate(func: Callable[_P, _R]) -> Callable[_P, _R]:
         @functools.wraps(func)
@@ -266,8 +342,19 @@ def _oserrors(what: str, *, memory: bool = False) -> Callable[[Callable[_P, _R]]
             try:
                 return func(*args, **kwargs)
             except OSError as err:
-                where = ", ".join(str(a) for a in args)
-                raise _translate_errno(err, f"{what}({where})", memory=memory) from err
+                doing = what.format(*args)
+                about = (who, args[0]) if who is not None and type(args[0]) is int else None
+                raise _translate_errno(err, doing, memory=memory, who=about) from err
+            except psutil.NoSuchProcess as err:  # also ZombieProcess, its subclass
+                doing = what.format(*args)
+                gone = None
+                if who is not None and type(args[0]) is int:
+                    gone = gone_message(args[0], who)
+                raise NoSuchProcessError(gone or f"cannot {doing}: it has exited") from err
+            except psutil.AccessDenied as err:
+                raise PermissionDeniedError(
+                    f"cannot {what.format(*args)}: permission denied"
+                ) from err
 
         return wrapper
 
@@ -301,7 +388,7 @@ def _raw_ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     return result
 
 
-@_oserrors("ptrace(SEIZE)")
+@_oserrors("attach to thread {0}", who="thread")
 def seize(tid: int) -> None:
     """Seize one thread with :data:`TRACE_OPTIONS` (it keeps running).
 
@@ -310,13 +397,13 @@ def seize(tid: int) -> None:
     _raw_ptrace(PTRACE_SEIZE, tid, 0, TRACE_OPTIONS)
 
 
-@_oserrors("ptrace(INTERRUPT)")
+@_oserrors("interrupt thread {0}", who="thread")
 def interrupt(tid: int) -> None:
     """Ask a seized thread to enter a ``PTRACE_EVENT_STOP``. Raises NoSuchProcessError."""
     _raw_ptrace(PTRACE_INTERRUPT, tid)
 
 
-@_oserrors("ptrace(LISTEN)")
+@_oserrors("keep thread {0} in its job-control stop", who="thread")
 def listen(tid: int) -> None:
     """Leave a thread in its group-stop but let it be woken by SIGCONT (man ptrace).
 
@@ -326,19 +413,19 @@ def listen(tid: int) -> None:
     _raw_ptrace(PTRACE_LISTEN, tid)
 
 
-@_oserrors("ptrace(CONT)")
+@_oserrors("resume thread {0}", who="thread")
 def cont(tid: int, sig: int = 0) -> None:
     """Resume a stopped thread, delivering ``sig`` (0: none). Raises NoSuchProcessError."""
     _raw_ptrace(PTRACE_CONT, tid, 0, sig)
 
 
-@_oserrors("ptrace(SINGLESTEP)")
+@_oserrors("single-step thread {0}", who="thread")
 def singlestep(tid: int, sig: int = 0) -> None:
     """Run one instruction of a stopped thread (then SIGTRAP, TRAP_TRACE). Raises ESRCH."""
     _raw_ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
 
 
-@_oserrors("ptrace(DETACH)")
+@_oserrors("detach from thread {0}", who="thread")
 def detach(tid: int, sig: int = 0) -> None:
     """Detach a stopped thread, delivering ``sig``; closes a cached /proc/TID/mem fd.
 
@@ -378,7 +465,7 @@ _siginfo_buf = ctypes.create_string_buffer(_SIGINFO_SIZE)
 _SIGINFO_STRUCT: Final = struct.Struct("=iii4xQQII")
 
 
-@_oserrors("ptrace(GETSIGINFO)")
+@_oserrors("read the signal that stopped thread {0}", who="thread")
 def getsiginfo(tid: int) -> SigInfo:
     """The siginfo of the signal that stopped ``tid``. Raises NoSuchProcessError,
     InvalidArgumentError (the stop is not a signal stop)."""
@@ -394,7 +481,7 @@ def getsiginfo(tid: int) -> SigInfo:
 _eventmsg = ctypes.c_ulong()
 
 
-@_oserrors("ptrace(GETEVENTMSG)")
+@_oserrors("read the ptrace event of thread {0}", who="thread")
 def geteventmsg(tid: int) -> int:
     """The message of the last ptrace event (new tid for CLONE, exit status for EXIT,
     former tid for EXEC)."""
@@ -406,7 +493,7 @@ _regs_buf = (ctypes.c_ulong * len(REGISTER_NAMES))()
 _REGS_STRUCT: Final = struct.Struct(f"{len(REGISTER_NAMES)}Q")
 
 
-@_oserrors("ptrace(GETREGS)")
+@_oserrors("read the registers of thread {0}", who="thread")
 def getregs(tid: int) -> dict[str, int]:
     """The general registers of a stopped thread by ``user_regs_struct`` name."""
     _raw_ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(_regs_buf))
@@ -414,7 +501,7 @@ def getregs(tid: int) -> dict[str, int]:
     return dict(zip(REGISTER_NAMES, _REGS_STRUCT.unpack(_regs_buf), strict=True))
 
 
-@_oserrors("ptrace(SETREGS)")
+@_oserrors("write the registers of thread {0}", who="thread")
 def setregs(tid: int, regs: Mapping[str, int]) -> None:
     """Set the named registers of a stopped thread; the others keep their values.
 
@@ -433,13 +520,13 @@ def setregs(tid: int, regs: Mapping[str, int]) -> None:
     _raw_ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(_regs_buf))
 
 
-@_oserrors("ptrace(PEEKUSER)")
+@_oserrors("read offset {1} of struct user of thread {0}", who="thread")
 def peekuser(tid: int, offset: int) -> int:
     """``PTRACE_PEEKUSER`` as an unsigned word. Raises DebugRegisterIOError (EIO)."""
     return _raw_ptrace(PTRACE_PEEKUSER, tid, offset) & _U64
 
 
-@_oserrors("ptrace(POKEUSER)")
+@_oserrors("write offset {1} of struct user of thread {0}", who="thread")
 def pokeuser(tid: int, offset: int, value: int) -> None:
     """``PTRACE_POKEUSER``. Raises DebugRegisterIOError (EIO), InvalidArgumentError,
     NoSpaceError - exactly the kernel's errno, for reference tests."""
@@ -501,7 +588,7 @@ def forget_memory(pid: int) -> None:
         os.close(fd)
 
 
-@_oserrors("read_memory", memory=True)
+@_oserrors("read {2} bytes at {1:#x} of process {0}", who="process", memory=True)
 def read_memory(pid: int, addr: int, size: int) -> bytes:
     """Read ``size`` bytes at ``addr`` of process ``pid`` (which must be traced by us).
 
@@ -518,12 +605,13 @@ def read_memory(pid: int, addr: int, size: int) -> bytes:
         data = buf.raw[:done]
     if len(data) != size:
         raise InvalidArgumentError(
-            f"read_memory({pid}, {addr:#x}, {size}): only {len(data)} bytes are mapped"
+            f"cannot read {size} bytes at {addr:#x} of process {pid}: only {len(data)} of "
+            "them are mapped"
         )
     return data
 
 
-@_oserrors("write_memory", memory=True)
+@_oserrors("write memory at {1:#x} of process {0}", who="process", memory=True)
 def write_memory(pid: int, addr: int, data: bytes) -> None:
     """Write ``data`` at ``addr`` of process ``pid``: through /proc/PID/mem even into
     read-only text, like POKEDATA; without access to it (see :func:`_mem_fd`) only into
@@ -541,7 +629,8 @@ def write_memory(pid: int, addr: int, data: bytes) -> None:
         done = 0
     if done != len(data):
         raise InvalidArgumentError(
-            f"write_memory({pid}, {addr:#x}): only {done} of {len(data)} bytes are mapped"
+            f"cannot write {len(data)} bytes at {addr:#x} of process {pid}: only {done} of "
+            "them are mapped (writable)"
         )
 
 
@@ -662,7 +751,8 @@ class ChildSignals:
         fd = _libc.signalfd(-1, mask, self._SFD_NONBLOCK | self._SFD_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
-            raise _translate_errno(OSError(code, os.strerror(code)), "signalfd(SIGCHLD)")
+            err = OSError(code, os.strerror(code))
+            raise _translate_errno(err, "watch for SIGCHLD (signalfd)") from err
         self.fd: int = fd
 
     def fileno(self) -> int:
@@ -685,7 +775,11 @@ class ChildSignals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
-# --- /proc -----------------------------------------------------------------------------------
+# --- /proc ----------------------------------------------------------------------------------
+# Process identity, thread lists and credentials come from psutil, off the hot path (attach,
+# authorization, a new thread). What psutil does not expose -- Tgid, TracerPid, SigPnd,
+# CapEff of /proc/PID/status -- is read here by hand; SigPnd is read at every detach of a
+# thread that may hold a SIGTRAP, where a psutil.Process would cost a second /proc read.
 
 
 def _status_fields(path: str) -> dict[str, str]:
@@ -698,36 +792,47 @@ def _status_fields(path: str) -> dict[str, str]:
     return fields
 
 
-@_oserrors("threads_of")
+@_oserrors("list the threads of process {0}", who="process")
 def threads_of(pid: int) -> list[int]:
     """The tids of process ``pid``, sorted. Raises NoSuchProcessError."""
-    return sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
+    return sorted(thread.id for thread in psutil.Process(pid).threads())
 
 
-@_oserrors("tgid_of")
+@_oserrors("find the process of thread {0}", who="thread")
 def tgid_of(tid: int) -> int:
     """The process (thread group) id of thread ``tid``. Raises NoSuchProcessError."""
+    # psutil has no Tgid: psutil.Process(tid) of a non-leader thread acts as a process.
     return int(_status_fields(f"/proc/{tid}/status")["Tgid"])
 
 
-@_oserrors("start_time")
-def start_time(pid: int) -> int:
-    """Start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, it
-    identifies a process across pid reuse. Raises NoSuchProcessError."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    # field 2 (comm) may contain spaces and parentheses: split after the last ')'.
-    rest = stat[stat.rindex(b")") + 2 :].split()
-    return int(rest[22 - 3])
+@_oserrors("read the start time of process {0}", who="process")
+def start_time(pid: int) -> float:
+    """When ``pid`` started (psutil's ``create_time``, seconds since the epoch, derived
+    from /proc/PID/stat field 22): with the pid, it identifies a process across pid reuse.
+    Raises NoSuchProcessError."""
+    return float(psutil.Process(pid).create_time())
 
 
-@_oserrors("tracer_of")
+@_oserrors("read the name of process {0}", who="process")
+def process_name(pid: int) -> str:
+    """The name of process ``pid`` (its ``comm``). Raises NoSuchProcessError."""
+    return str(psutil.Process(pid).name())
+
+
+@_oserrors("read the capabilities of process {0}", who="process")
+def effective_caps(pid: int) -> int:
+    """The effective capability set of ``pid`` (CapEff), bit ``cap`` per capability.
+    Raises NoSuchProcessError."""
+    return int(_status_fields(f"/proc/{pid}/status")["CapEff"], 16)
+
+
+@_oserrors("find the tracer of thread {0}", who="thread")
 def tracer_of(pid: int) -> int:
     """The pid of the process tracing ``pid`` (0 if none). Raises NoSuchProcessError."""
     return int(_status_fields(f"/proc/{pid}/status")["TracerPid"])
 
 
-@_oserrors("pending_signals")
+@_oserrors("read the pending signals of thread {0}", who="thread")
 def pending_signals(tid: int) -> int:
     """Mask of signals pending on thread ``tid`` itself (SigPnd), bit ``sig - 1`` per signal.
 
@@ -751,7 +856,7 @@ class ProcCreds:
     dumpable: bool
 
 
-@_oserrors("proc_creds")
+@_oserrors("read the credentials of process {0}", who="process")
 def proc_creds(pid: int) -> ProcCreds:
     """Real/effective/saved uid and gid of ``pid`` and whether it is dumpable.
 
@@ -763,9 +868,10 @@ def proc_creds(pid: int) -> ProcCreds:
     ambiguous and reported as dumpable; the ptrace rule lets only root act on it anyway.
     Raises NoSuchProcessError.
     """
-    fields = _status_fields(f"/proc/{pid}/status")
-    ruid, euid, suid = (int(v) for v in fields["Uid"].split()[:3])
-    rgid, egid, sgid = (int(v) for v in fields["Gid"].split()[:3])
+    process = psutil.Process(pid)
+    with process.oneshot():  # one read of /proc/PID/status for both
+        ruid, euid, suid = process.uids()
+        rgid, egid, sgid = process.gids()
     st = os.stat(f"/proc/{pid}/stat")
     dumpable = (st.st_uid, st.st_gid) == (euid, egid)
     return ProcCreds(ruid, euid, suid, rgid, egid, sgid, dumpable)
@@ -847,7 +953,7 @@ class BreakpointEvent:
         self._ring: mmap.mmap | None = None
         self._presumed = 0  # losses settle() reported that no LOST record has matched yet
         self._settle_count = -1
-        what = f"perf_event_open(tid={tid}, {addr:#x}/{length}/{access.value}/{mode.wire})"
+        what = f"set a {length}-byte {access.value} breakpoint at {addr:#x} on thread {tid}"
         attr = _perf_attr(addr, length, access, mode, sig_data, max(1, wakeup))
         fd = _syscall(
             ctypes.c_long(SYS_perf_event_open),
@@ -860,7 +966,7 @@ class BreakpointEvent:
         if fd < 0:
             code = ctypes.get_errno()
             err = OSError(code, os.strerror(code))
-            raise _translate_errno(err, what) from err
+            raise _translate_errno(err, what, who=("thread", tid)) from err
         self.fd: int = fd
         if mode is Mode.NOTIFY:
             pages = max(RING_DATA_PAGES, ring_pages)
@@ -873,13 +979,15 @@ class BreakpointEvent:
                         pages //= 2
                         continue
                     os.close(fd)
-                    raise _translate_errno(err, f"mmap of {what}") from err
+                    raise _translate_errno(
+                        err, f"{what} (its sample ring could not be mapped)"
+                    ) from err
             self.ring_pages = pages
 
     def fileno(self) -> int:
         return self.fd
 
-    @_oserrors("BreakpointEvent.read_count")
+    @_oserrors("read the hit counter of a breakpoint")
     def read_count(self) -> int:
         """The absolute hit counter of this event."""
         data = os.read(self.fd, 8)

@@ -66,7 +66,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "--max-queued-events",
         type=_positive_int,
         default=10000,
-        help="events queued per client before hits are dropped (and counted)",
+        help="hits queued per client before further hits are dropped (and counted); control "
+        "events (exit, stop, installed, ...) have as much room again of their own",
     )
     parser.add_argument(
         "--stop-timeout",

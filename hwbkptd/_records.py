@@ -120,16 +120,31 @@ class WatchRec:
     reasons: dict[int, str] = field(default_factory=dict)
     vdr_slot: int | None = None
     exact: bool = True  # False once the kernel throttled an event this watch counted on
+    # Set once the watch has ended: "exit" (its process exited), "exec" (its process
+    # called exec) or "thread-exit" (its thread exited); with the exit status or signal.
+    # An ended watch keeps its final count until its owner removes it or disconnects.
+    ended: str | None = None
+    exit_code: int | None = None
+    exit_signal: int | None = None
 
     def applies_to(self, tid: int) -> bool:
         return self.tid is None or self.tid == tid
 
     @property
     def state(self) -> str:
-        """ "installed" when installed on every thread it applies to, else "pending"."""
+        """ "ended" once ended; "installed" when installed on every thread it applies to;
+        else "pending"."""
+        if self.ended is not None:
+            return "ended"
         if self.states and all(s == "installed" for s in self.states.values()):
             return "installed"
         return "pending"
+
+    def end_info(self) -> dict[str, Any] | None:
+        """``{reason, code, signal}`` of an ended watch (PROTOCOL.md, ``watches``), or None."""
+        if self.ended is None:
+            return None
+        return {"reason": self.ended, "code": self.exit_code, "signal": self.exit_signal}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -145,6 +160,7 @@ class WatchRec:
             "threads": dict(self.states),
             "count": self.count,
             "exact": self.exact,
+            "ended": self.end_info(),
         }
 
 

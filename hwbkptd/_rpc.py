@@ -211,8 +211,13 @@ class EngineBackend:
             "platform": self.platform
             | {"notify_ring_kib": self.port.ring_pages * PAGE_SIZE // 1024},
             "clients": {
-                cid: {"watches": self.engine.client_watch_count(cid)} for cid in self._clients
+                cid: {
+                    "watches": self.engine.client_watch_count(cid),
+                    "ended": self.engine.client_ended_count(cid),
+                }
+                for cid in self._clients
             },
+            "ended": self.engine.ended_watches(),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -275,9 +280,12 @@ class EngineBackend:
         return Spec(addr, length, access), mode, priority
 
     def _check_limit(self, client: ClientHandle, more: int) -> None:
-        if self.engine.client_watch_count(client.id) + more > self.config.max_watches:
+        have = self.engine.client_watch_count(client.id)
+        if have + more > self.config.max_watches:
+            ended = self.engine.client_ended_count(client.id)
+            hint = f", {ended} of them ended (remove those with unwatch)" if ended else ""
             raise LimitExceededError(
-                f"you have {self.engine.client_watch_count(client.id)} watches; the daemon allows "
+                f"you have {have} watches{hint}; the daemon allows "
                 f"{self.config.max_watches} per client (hwbkptd --max-watches)"
             )
 

@@ -101,6 +101,12 @@ class StopHandling:
         def _thread(self, tid: int) -> ThreadRec: ...
         def _threads_for(self, target: TargetRec, tid: int | None) -> list[ThreadRec]: ...
         def _drop_watch(self, watch: WatchRec, reason: str | None) -> None: ...
+        def _end_watch(
+            self, watch: WatchRec, reason: str, code: int | None = None, sig: int | None = None
+        ) -> None: ...
+        def _end_thread_watches(
+            self, target: TargetRec, tid: int, code: int | None, sig: int | None
+        ) -> None: ...
         def _reconcile(
             self, thread: ThreadRec, fresh: Collection[WatchRec] = (), *, again: bool = True
         ) -> None: ...
@@ -217,6 +223,8 @@ class StopHandling:
             return
         if tid == target.pid or not target.threads:
             self._end_target(target, code, sig)
+        else:
+            self._end_thread_watches(target, tid, code, sig)
 
     def on_signal_stop(self, tid: int, sig: int) -> None:
         """Signal-delivery-stop: decide whose the signal is and what happens next."""
@@ -565,8 +573,7 @@ class StopHandling:
         owners = set(target.clients)
         for watch in list(target.watches.values()):
             owners.add(watch.client)
-            self._drop_watch(watch, reason=None)
-            watch.states.clear()
+            self._end_watch(watch, "exec")  # ended, final count kept (DESIGN §5.5)
         if self.forget_hook is not None:
             self.forget_hook(target.pid, [thread.tid])
         for cid in owners:
@@ -611,7 +618,7 @@ class StopHandling:
         owners = set(target.clients)
         for watch in list(target.watches.values()):
             owners.add(watch.client)
-            self._drop_watch(watch, reason=None)
+            self._end_watch(watch, "exit", code, sig)  # ended, final count kept
         self.targets.pop(target.pid, None)
         if target.detaching:
             return

@@ -80,9 +80,8 @@ def _pow2_floor(n: int) -> int:
 
 def _comm(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
+        return _kernel.process_name(pid)
+    except HwbkptError:
         return "?"
 
 

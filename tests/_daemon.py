@@ -3,12 +3,18 @@
 ``daemon`` starts one daemon per test; ``daemon_factory`` starts as many as a test asks for
 (extra command-line arguments allowed). Each waits, at most ``START_TIMEOUT`` seconds, until
 the socket answers. At teardown every daemon started is stopped (SIGTERM, then SIGKILL) and
-its stderr (the debug log) is printed, which pytest shows when the test failed.
+the part of its debug log that explains a failure is printed (:func:`log_excerpt`: the last
+lines plus every warning, error and traceback), which pytest shows when the test failed.
+
+``close_leftover_clients`` (autouse) closes the clients a test left open and then collects
+garbage, so that a socket a test leaked is reported at *that* test's teardown, not as a
+``ResourceWarning`` failing whichever unrelated test happens to run the garbage collector.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import shutil
 import signal
 import socket
@@ -27,12 +33,48 @@ __all__ = [
     "close_leftover_clients",
     "daemon",
     "daemon_factory",
+    "log_excerpt",
     "start_daemon",
     "wait_for_socket",
 ]
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+#: Lines of a daemon's log shown from its end when a test fails.
+TAIL_LINES = 60
+#: At most this many warning/error/traceback lines from before the tail.
+MAX_NOTABLE_LINES = 200
+# A log line that is worth showing wherever it is (hwbkptd's format: "hwbkptd[PID] LEVEL …").
+_NOTABLE = ("WARNING", "ERROR", "CRITICAL", "Traceback")
+
+
+def log_excerpt(text: str, tail: int = TAIL_LINES) -> str:
+    """What of a daemon's debug log explains a failure: every warning, error and traceback
+    (whole, with the lines that follow it up to the next log line) from before the last
+    ``tail`` lines, then those lines. A fuzz run logs ~170,000 lines; nobody reads them."""
+    lines = text.splitlines()
+    head, last = lines[:-tail] if len(lines) > tail else [], lines[-tail:]
+    notable: list[str] = []
+    in_traceback = False
+    for number, line in enumerate(head, 1):
+        if line.startswith("hwbkptd["):
+            in_traceback = False
+        if "Traceback" in line:
+            in_traceback = True
+        if in_traceback or any(word in line for word in _NOTABLE):
+            notable.append(f"{number}: {line}")
+    parts = [f"({len(lines)} lines in all)"]
+    if notable:
+        shown = notable[:MAX_NOTABLE_LINES]
+        more = len(notable) - len(shown)
+        parts.append(f"warnings, errors and tracebacks before the last {len(last)} lines:")
+        parts.extend(shown)
+        if more:
+            parts.append(f"... and {more} more such lines")
+    if head:
+        parts.append(f"the last {len(last)} lines:")
+    parts.extend(last)
+    return "\n".join(parts)
 
 
 def wait_for_socket(path: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
@@ -118,7 +160,7 @@ def start_daemon(socket_path: str, *args: str, log_path: Path, wait: bool = True
         daemon.kill()
         raise RuntimeError(
             f"hwbkptd did not answer on {socket_path} within {START_TIMEOUT} s "
-            f"(exit status {proc.returncode}); its log:\n{daemon.stderr()}"
+            f"(exit status {proc.returncode}); its log:\n{log_excerpt(daemon.stderr())}"
         )
     return daemon
 
@@ -148,7 +190,7 @@ def daemon_factory() -> Iterator[Callable[..., Daemon]]:
                 with contextlib.suppress(TimeoutError):
                     d.stop(STOP_TIMEOUT)
             d.kill()
-            print(f"----- {d!r} exit status {d.proc.returncode}; log:\n{d.stderr()}")
+            print(f"----- {d!r} exit status {d.proc.returncode}; log:\n{log_excerpt(d.stderr())}")
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -162,7 +204,15 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
 def close_leftover_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Close every ``hwbkpt.Client`` a test opened and did not close (a failed assertion
     skips its ``close()``), so that its socket is not garbage-collected — with a
-    ResourceWarning, an error under ``filterwarnings = error`` — during a later test."""
+    ResourceWarning, an error under ``filterwarnings = error`` — during a later test.
+
+    Then free what a failed test still holds and collect garbage: any other socket or file
+    the test leaked is finalized now, and pytest reports its ResourceWarning at this test's
+    teardown, where it belongs. Two things keep a leak alive past its test: a reference
+    cycle (freed only by the collector, at an unpredictable later time), and the locals of
+    a *failed* test, which pytest keeps reachable from ``sys.last_traceback`` until the next
+    failure replaces it — that is how one failure in test_faults once made test_proto fail.
+    """
     import hwbkpt
 
     opened: list[hwbkpt.Client] = []
@@ -173,6 +223,16 @@ def close_leftover_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         opened.append(self)  # only a client that connected has a socket to close
 
     monkeypatch.setattr(hwbkpt.Client, "__init__", tracking_init)
-    yield
-    for client in opened:
-        client.close()
+    try:
+        yield
+    finally:
+        for client in opened:
+            client.close()
+        opened.clear()
+        # pytest keeps a failed test's exception for post-mortem debugging (--pdb, which has
+        # run by now) and deletes it itself when the next test's call starts
+        # (_pytest/runner.py, pytest_runtest_call): delete it now instead.
+        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+            if hasattr(sys, name):
+                delattr(sys, name)
+        gc.collect()

@@ -189,7 +189,7 @@ def test_watch_says_why_hits_were_lost(
     fields: dict[str, object], why: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     printer = _Printer(os.getpid(), None, 8, "w", as_json=False)  # type: ignore[arg-type]
-    record = _record(Event("lost", {"count": 3, "what": "hit", **fields}), set(), "w", printer)
+    record = _record(Event("lost", {"count": 3, "what": "hit", **fields}), set(), printer)
     assert record is not None
     assert {k: record[k] for k in fields} == fields  # --json keeps where and tid
     printer.line(record)

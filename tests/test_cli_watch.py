@@ -102,7 +102,8 @@ def test_watch_json_lines(daemon: Daemon, target: Start) -> None:
     for r in stops:
         assert r["tid"] == writer.pid
         assert r["where"].startswith("write_both+0x")
-        assert r["what"] == "var"
+        assert r["symbol"] == "var"
+        assert r["addr"] == writer.info["addr"]  # addresses are JSON numbers
         assert isinstance(r["ip"], int)
     assert records[-1]["event"] == "summary"
     assert records[-1]["count"] == WRITES

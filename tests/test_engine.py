@@ -21,6 +21,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from hwbkpt_proto import NotFoundError
 from hwbkptd._alloc import CAPACITY, Want, choose
 from hwbkptd._model import Access, Mode, Spec
 from hwbkptd._records import (
@@ -604,16 +605,21 @@ def test_thread_exit_frees_its_slots() -> None:
     assert h.take(1) == []
 
 
-def test_exec_drops_every_watch() -> None:
+def test_exec_ends_every_watch() -> None:
     h, [tid] = setup()
-    h.engine.watch(1, PID, X, Mode.COUNT)
-    h.engine.watch(2, PID, Y, Mode.STOP)
+    a = h.engine.watch(1, PID, X, Mode.COUNT)
+    b = h.engine.watch(2, PID, Y, Mode.STOP)
+    write(h, tid, X)
     h.kernel.exec(tid)
     h.settle()
     assert h.take(1) == [("exec", {"pid": PID})]
     assert h.take(2) == [("exec", {"pid": PID})]
-    assert h.engine.list_watches(1) == []
-    assert h.engine.list_watches(2) == []
+    # Ended, with the final count, kept until removed (issue 10, point 3).
+    assert h.engine.list_watches(1) == [a]
+    assert h.engine.list_watches(2) == [b]
+    assert (a.state, a.end_info()) == ("ended", {"reason": "exec", "code": None, "signal": None})
+    assert b.state == "ended"
+    assert h.engine.count(1, a.id) == 1
     assert h.kernel.open_events() == []
     assert h.kernel.traced() == []
     assert h.engine.targets == {}
@@ -628,10 +634,69 @@ def test_process_exit_ends_every_watch() -> None:
     h.settle()
     assert h.take(1) == [("exit", {"pid": PID, "tid": PID, "code": 7, "signal": None})]
     assert h.take(2) == []  # client 2 never watched this process
-    assert h.engine.list_watches(1) == []
+    assert h.engine.list_watches(1) == [w]
+    assert w.describe()["state"] == "ended"
+    assert w.describe()["ended"] == {"reason": "exit", "code": 7, "signal": None}
     assert h.kernel.open_events() == []
     assert h.engine.targets == {}
-    assert w.count == 1
+    assert h.engine.count(1, w.id) == 1  # the final count, read as the slot closed
+    assert h.engine.ended_watches() == [{"client": 1, **w.describe()}]
+    assert h.engine.client_ended_count(1) == 1
+
+
+def test_an_ended_watch_is_kept_until_removed_or_its_client_goes() -> None:
+    h, tids = setup(2)
+    w = h.engine.watch(1, PID, X, Mode.COUNT)
+    v = h.engine.watch(1, PID, Y, Mode.NOTIFY)
+    u = h.engine.watch(2, PID, X, Mode.COUNT)
+    write(h, tids[1], X)
+    write(h, tids[1], X)
+    h.kernel.exit_group(PID, 0)
+    h.settle()
+    assert h.engine.client_watch_count(1) == 2
+    h.engine.unwatch(1, w.id)
+    assert h.engine.list_watches(1) == [v]
+    with pytest.raises(NotFoundError):
+        h.engine.count(1, w.id)
+    with pytest.raises(NotFoundError):
+        h.engine.unwatch(1, w.id)
+    assert h.engine.count(2, u.id) == 2
+    h.engine.remove_client(2)
+    h.engine.remove_client(1)
+    assert h.engine.ended_watches() == []
+
+
+def test_an_ended_watch_never_touches_a_new_process_with_its_pid() -> None:
+    h, [tid] = setup()
+    w = h.engine.watch(1, PID, X, Mode.COUNT)
+    write(h, tid, X)
+    h.kernel.exit_group(PID, 0)
+    h.settle()
+    h.take(1)
+    # The pid is reused by a new process that another client watches.
+    h.kernel.spawn(PID)
+    other = h.engine.watch(2, PID, X, Mode.COUNT)
+    assert other.state == "installed"
+    write(h, PID, X)
+    assert h.engine.count(1, w.id) == 1  # not the new process's hit
+    h.engine.unwatch(1, w.id)
+    h.engine.remove_client(1)
+    assert installed_specs(h, PID) == {X}  # the other client's slot is untouched
+    assert h.engine.count(2, other.id) == 1
+
+
+def test_thread_exit_ends_its_thread_scope_watch_and_lets_the_process_go() -> None:
+    h, tids = setup(2)
+    t = h.engine.watch(2, PID, Y, Mode.COUNT, tid=tids[1])
+    write(h, tids[1], Y)
+    h.kernel.exit_thread(tids[1])
+    h.settle()
+    assert h.take(2) == [("uninstalled", {"watch": t.id, "tid": tids[1], "reason": "thread-exit"})]
+    assert t.state == "ended"
+    assert t.describe()["ended"] == {"reason": "thread-exit", "code": 0, "signal": None}
+    assert h.engine.count(2, t.id) == 1
+    assert h.engine.targets == {}  # nothing else wanted the process: it was let go
+    assert h.kernel.traced() == []
 
 
 def test_watch_of_a_process_traced_by_someone_else_fails_cleanly() -> None:

@@ -132,18 +132,24 @@ def expect(client: hwbkpt.Client, kind: str, timeout: float = TIMEOUT) -> hwbkpt
 
 
 class RawClient:
-    """A client that writes requests and reads nothing unless asked (a slow client)."""
+    """A client that writes requests and reads nothing unless asked (a slow client).
+
+    Make it with the ``raw_client`` fixture, which closes it even when the test fails."""
 
     def __init__(self, path: str, rcvbuf: int | None = None) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.connect(path)
-        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        self.msgid = 0
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.request("hello", version=1, name="slow")
-        self.wait_response(0)
+        try:
+            if rcvbuf is not None:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.connect(path)
+            self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+            self.msgid = 0
+            self.events: list[tuple[str, dict[str, Any]]] = []
+            self.request("hello", version=1, name="slow")
+            self.wait_response(0)
+        except BaseException:
+            self.sock.close()
+            raise
 
     def request(self, method: str, **params: Any) -> int:
         msgid, self.msgid = self.msgid, self.msgid + 1
@@ -175,6 +181,24 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@pytest.fixture
+def raw_client() -> Iterator[Callable[..., RawClient]]:
+    """``raw_client(path, rcvbuf=None)`` makes a :class:`RawClient`; all are closed at
+    teardown, so a failed assertion cannot leak a socket into a later test."""
+    made: list[RawClient] = []
+
+    def make(path: str, rcvbuf: int | None = None) -> RawClient:
+        client = RawClient(path, rcvbuf)
+        made.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in made:
+            client.close()
 
 
 # --------------------------------------------------------------------------- 2. client death
@@ -307,14 +331,14 @@ def test_sigkill_with_a_parked_stop_leaves_the_target_running(
 
 @pytest.mark.timeout(90)
 def test_slow_client_does_not_change_what_a_fast_client_gets(
-    daemon_factory: Factory, target: Start
+    daemon_factory: Factory, target: Start, raw_client: Callable[..., RawClient]
 ) -> None:
     n = 20000
     d = daemon_factory("--max-queued-events", "500")
     proc = target("writer", n, "gate2")
     addr = info_int(proc, "addr")
     fast = hwbkpt.Client(socket=d.socket, name="fast", timeout=TIMEOUT)
-    slow = RawClient(d.socket, rcvbuf=4096)
+    slow = raw_client(d.socket, rcvbuf=4096)
     slow.wait_response(slow.request("watch", pid=proc.pid, addr=addr, mode="notify"))
     fast.watch(proc.pid, addr, mode="notify")
     proc.go()
@@ -359,13 +383,13 @@ def test_slow_client_does_not_change_what_a_fast_client_gets(
 
 @pytest.mark.timeout(60)
 def test_stop_timeout_disconnects_a_client_that_does_not_read(
-    daemon_factory: Factory, target: Start
+    daemon_factory: Factory, target: Start, raw_client: Callable[..., RawClient]
 ) -> None:
     d = daemon_factory("--stop-timeout", "1", "--max-queued-events", "1000000")
     proc = target("spinner")
     addr = info_int(proc, "addr")
     other = hwbkpt.Client(socket=d.socket, name="other", timeout=TIMEOUT)
-    slow = RawClient(d.socket, rcvbuf=4096)
+    slow = raw_client(d.socket, rcvbuf=4096)
     slow.wait_response(slow.request("watch", pid=proc.pid, addr=addr, mode="notify"))
     proc.go()
     # Let the flood of hits fill the socket and back the slow client's queue up.

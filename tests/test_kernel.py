@@ -459,8 +459,9 @@ TRACER_SCRIPT = textwrap.dedent(
     from hwbkptd import _kernel as k
     from hwbkptd._model import Access, Mode
     pid, var, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    ev = k.BreakpointEvent(pid, var, 8, Access.WRITE, Mode.STOP, 1)
+    # Seize first: a sigtrap event armed on an untraced program kills it at the next hit.
     k.seize(pid)
+    ev = k.BreakpointEvent(pid, var, 8, Access.WRITE, Mode.STOP, 1)
     def stop():
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -62,16 +62,26 @@ def test_exec_ends_every_watch(target: Start, connect: Connect) -> None:
     assert proc.line() == f"done var={n}"
     assert a.expect("exec").pid == proc.pid
     assert b.expect("exec").pid == proc.pid
-    # No watch survives the exec (the daemon forgot them before it said so).
-    assert a.watches() == []
-    assert b.watches() == []
+    # Every watch ended at the exec (the daemon ended them before it said so): ended, with
+    # its final count, kept until removed (issue 10, point 3; DESIGN §5.5).
+    exec_end = {"reason": "exec", "code": None, "signal": None}
+    for client, watch in ((a, wa), (b, wb)):
+        [info] = client.watches()
+        assert (info["id"], info["state"], info["ended"]) == (watch.id, "ended", exec_end)
+        assert info["count"] == n
+        assert watch.state == "ended"
+        assert watch.ended == exec_end
     # The new image runs on unharmed: no stop for its write of var, and it exits 0.
     line = proc.line()
     assert line.startswith("execd addr=")
     assert proc.wait(TIMEOUT) == 0
     b.none_of("stop", 0.05)
+    assert wa.count() == n  # the final count: the new image's write is not counted
+    assert wb.count() == n
+    wa.remove()
     with pytest.raises(hwbkpt.NotFoundError):
         wa.count()
+    assert a.watches() == []
 
 
 @pytest.mark.timeout(60)
@@ -84,9 +94,10 @@ def test_exec_then_watch_the_new_image(target: Start, connect: Connect) -> None:
     proc.go()
     assert proc.line() == f"done var={n}"
     c.expect("exec")
+    assert [w["state"] for w in c.watches()] == ["ended"]
+    assert old.count() == n
+    old.remove()
     assert c.watches() == []
-    with pytest.raises(hwbkpt.NotFoundError):
-        old.count()
     line = proc.line()
     assert line.startswith("execd addr=")
     new_addr = int(line.split()[1].split("=")[1], 16)
@@ -108,8 +119,8 @@ def test_exit_event_ends_watches(target: Start, connect: Connect) -> None:
     proc = target("writer", 3)
     addr = info_int(proc, "addr")
     a, b = connect("a"), connect("b")
-    a.watch(proc.pid, addr, mode="count")
-    b.watch(proc.pid, addr, mode="notify")
+    wa = a.watch(proc.pid, addr, mode="count")
+    wb = b.watch(proc.pid, addr, mode="notify")
     proc.go()
     assert proc.line() == "done var=3 pair0=0"
     ea = a.expect("exit")
@@ -118,9 +129,23 @@ def test_exit_event_ends_watches(target: Start, connect: Connect) -> None:
     assert ea.tid == proc.pid
     assert ea.get("code") == 0 or ea.get("status") == 0
     assert proc.wait(TIMEOUT) == 0
+    exit_end = {"reason": "exit", "code": 0, "signal": None}
+    assert [(w["state"], w["ended"], w["count"]) for w in a.watches()] == [("ended", exit_end, 3)]
+    assert [(w["state"], w["ended"], w["count"]) for w in b.watches()] == [("ended", exit_end, 3)]
+    assert (wa.state, wa.ended, wa.count()) == ("ended", exit_end, 3)
+    assert (wb.state, wb.count()) == ("ended", 3)
+    status = a.status()
+    assert all(t["pid"] != proc.pid for t in status["targets"])  # let go: nothing traced
+    ended = {(w["client"], w["id"]) for w in status["ended"]}
+    mine = {c["name"]: c for c in status["clients"]}
+    assert ended == {(mine["a"]["id"], wa.id), (mine["b"]["id"], wb.id)}
+    assert mine["a"]["ended"] == mine["b"]["ended"] == 1
+    wa.remove()
     assert a.watches() == []
-    assert b.watches() == []
-    assert all(t["pid"] != proc.pid for t in a.status()["targets"])
+    with pytest.raises(hwbkpt.NotFoundError):
+        wa.count()
+    b.close()  # its ended watch goes with it
+    wait_until(lambda: a.status()["ended"] == [], what="b's ended watch to go with b")
 
 
 @pytest.mark.timeout(60)
@@ -135,7 +160,9 @@ def test_exit_by_signal(target: Start, connect: Connect) -> None:
     assert ev.pid == proc.pid
     assert ev.get("signal") == signal.SIGKILL or ev.get("status") == signal.SIGKILL
     assert proc.wait(TIMEOUT) == -signal.SIGKILL
-    assert c.watches() == []
+    [info] = c.watches()
+    assert info["ended"] == {"reason": "exit", "code": None, "signal": signal.SIGKILL}
+    assert info["count"] == 3
 
 
 # --------------------------------------------------------------------------- 9. detach

@@ -53,10 +53,10 @@ def test_frame_shows_slots_holders_pending_clients() -> None:
     assert "3 watches" in text
     assert "tid 812  running" in text
     slot0 = next(line for line in text.splitlines() if "0x4010/8 w" in line)
-    assert slot0.split()[:4] == ["0", "0x4010/8", "w", "count"]
+    assert slot0.split()[:5] == ["0", "0x4010/8", "w", "-", "count"]  # "-": no namer
     assert "#3 gdb, #4 perf" in slot0
     assert "(watches 1,2)" in slot0
-    assert slot0.split()[4] == "-"  # no per-slot hit counter in this status: no rate
+    assert slot0.split()[5] == "-"  # no per-slot hit counter in this status: no rate
     for n in (1, 2, 3):
         assert f"      {n:<5}-" in text.splitlines()
     assert "pending: watch 5" in text
@@ -70,13 +70,40 @@ def test_frame_shows_slots_holders_pending_clients() -> None:
 def test_frame_hits_per_second_from_slot_hits() -> None:
     frames = Frames()
     first = frames.frame(_status(1000), 10.0)
-    assert next(line for line in first if "0x4010/8" in line).split()[4] == "..."
+    assert next(line for line in first if "0x4010/8" in line).split()[5] == "..."
     second = frames.frame(_status(1500), 10.5)
-    assert next(line for line in second if "0x4010/8" in line).split()[4] == "1000"
+    assert next(line for line in second if "0x4010/8" in line).split()[5] == "1000"
     assert any("hits_notified 1500 (+1000/s)" in line for line in second)
     # a slot that was reopened (counter went back) has no rate for one frame
     third = frames.frame(_status(3), 11.0)
-    assert next(line for line in third if "0x4010/8" in line).split()[4] == "..."
+    assert next(line for line in third if "0x4010/8" in line).split()[5] == "..."
+
+
+def test_frame_names_slots_with_the_namer() -> None:
+    asked: list[tuple[int, int, bool]] = []
+
+    def namer(pid: int, addr: int, code: bool) -> str | None:
+        asked.append((pid, addr, code))
+        return "counter+0x8"
+
+    text = "\n".join(Frames(namer=namer).frame(_status(None), 1.0))
+    slot0 = next(line for line in text.splitlines() if "0x4010/8 w" in line)
+    assert slot0.split()[:5] == ["0", "0x4010/8", "w", "counter+0x8", "count"]
+    assert asked == [(812, 0x4010, False)]
+
+
+def test_frame_fits_the_counters_to_the_width() -> None:
+    status = _status(None)
+    status["counters"] = {f"counter_number_{n}": 1000 + n for n in range(12)}
+    lines = Frames().frame(status, 1.0, width=60)
+    counter_lines = lines[1 : lines.index("")]
+    assert len(counter_lines) > 1
+    assert all(len(line) <= 60 for line in counter_lines)
+    assert counter_lines[0].startswith("counters: ")
+    text = " ".join(counter_lines)
+    assert all(f"counter_number_{n} {1000 + n}" in text for n in range(12))
+    # without a width they stay on one line
+    assert Frames().frame(status, 1.0)[2] == ""
 
 
 def test_frame_without_targets() -> None:
@@ -88,10 +115,13 @@ def test_frame_without_targets() -> None:
 # --------------------------------------------------------------------- against the daemon
 
 
-def _hwbkpt(*args: str) -> subprocess.CompletedProcess[str]:
+def _hwbkpt(*args: str, columns: int | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     return subprocess.run(
         [sys.executable, "-m", "hwbkpt._cli", *args],
-        capture_output=True, text=True, timeout=DEADLINE, check=False,
+        capture_output=True, text=True, timeout=DEADLINE, check=False, env=env,
     )
 
 
@@ -124,15 +154,20 @@ def test_top_once_shows_slot_table(daemon: Daemon, watched: tuple[Target, list[h
                                    ) -> None:
     spinner, (alice, bob) = watched
     a_id, b_id = (c.server_info["client_id"] for c in (alice, bob))
-    proc = _hwbkpt("--socket", daemon.socket, "top", "--once")
+    proc = _hwbkpt("--socket", daemon.socket, "top", "--once", columns=50)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
+    lines = out.splitlines()
+    counters = lines[1 : lines.index("")]
+    assert counters[0].startswith("counters: ")
+    assert all(len(line) <= 50 for line in counters), counters
     addr = spinner.info["addr"]
     assert isinstance(addr, int)
     assert f"pid {spinner.pid}" in out
     assert f"tid {spinner.pid}" in out
     shared = next(line for line in out.splitlines() if f"{addr:#x}/8 w " in line)
     assert f"#{a_id} top-alice, #{b_id} top-bob" in shared
+    assert shared.split()[3] == "var"  # the spinner's variable, by its ELF symbol
     assert " count " in shared
     for k in (1, 2, 3):
         line = next(line for line in out.splitlines() if f"{addr + 8 * k:#x}/8 rw" in line)

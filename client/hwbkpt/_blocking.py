@@ -42,11 +42,18 @@ class Watch(WatchInfo):
         self._client = client
 
     def count(self) -> int:
-        """Hits of this watch since it was installed (``count`` mode)."""
+        """Hits of this watch since it was installed (any mode); after its process exited
+        or called exec (``state == "ended"``), its final count.
+
+        Raises NotFoundError once the watch was removed.
+        """
         return int(self._client.call("count", id=self.id))
 
     def remove(self) -> None:
-        """Remove the watch (``unwatch``); its slots go to pending watches."""
+        """Remove the watch (``unwatch``), ended or not; its slots go to pending watches.
+
+        Raises NotFoundError if it was removed already.
+        """
         self._client.call("unwatch", id=self.id)
         self._client._session.forget_watch(self.id)
         self.state = "removed"
@@ -133,9 +140,20 @@ class Client:
             data = self._sock.recv(_RECV_SIZE)
         except OSError as err:
             self._session.connection_lost(f"reading from the socket failed: {err}")
-            return True
-        self._session.receive_data(data)
+        else:
+            self._session.receive_data(data)
+        if self._session.lost:
+            self._drop_socket()
         return True
+
+    def _drop_socket(self) -> None:
+        """The connection is gone (EOF, error, a stream it cannot read): close the socket at
+        once rather than when the caller remembers ``close()`` (or the garbage collector,
+        with a ResourceWarning, does). Queued events stay readable."""
+        if self._sock is not None:
+            self._readable.unregister(self._sock)
+            self._sock.close()
+            self._sock = None
 
     def _send(self, data: bytes) -> None:
         self._session.check_alive()
@@ -144,6 +162,7 @@ class Client:
             self._sock.sendall(data)
         except OSError as err:
             self._session.connection_lost(f"writing to the socket failed: {err}")
+            self._drop_socket()
             raise self._session.lost_error() from err
 
     def call(self, method: str, /, *, timeout: float | None = _DEFAULT, **params: Any) -> Any:

@@ -34,12 +34,18 @@ EXIT_UNREACHABLE = 2
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its help line, its options, and what it does."""
+    """One subcommand: its help line, its options, and what it does.
+
+    ``check`` (optional) looks at the parsed arguments before anything is sent and returns
+    what is wrong with them, or ``None``: a usage mistake exits 2 with the usage line, as
+    argparse's own errors do, whether or not a daemon is running.
+    """
 
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[Client, argparse.Namespace], int]
     needs_daemon: bool = True
+    check: Callable[[argparse.Namespace], str | None] | None = None
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -109,6 +115,8 @@ def format_status(status: dict[str, Any]) -> str:
         if "watches" in c:
             watches = c["watches"]
             line += f"  watches {len(watches) if isinstance(watches, list) else watches}"
+            if c.get("ended"):
+                line += f" ({c['ended']} ended)"
         out.append(line)
 
     targets = status.get("targets") or []
@@ -139,7 +147,30 @@ def format_status(status: dict[str, Any]) -> str:
             out.append(f"    pending: {_pending_text(p)}")
     for p in status.get("pending") or []:
         out.append(f"pending: {_pending_text(p)}")
+    ended = status.get("ended") or []
+    if ended:
+        out.append(f"ended watches ({len(ended)}), kept until their clients remove them:")
+        for w in ended:
+            out.append(f"  {_ended_text(w)}")
     return "\n".join(out) + "\n"
+
+
+def _ended_text(w: dict[str, Any]) -> str:
+    """One ended watch of ``status``: whose, what, its final count and how it ended."""
+    end = w.get("ended") or {}
+    reason = str(end.get("reason", "ended"))
+    how = {"exit": "process exited", "exec": "process called exec"}.get(reason, reason)
+    if end.get("signal") is not None:
+        how += f" (signal {end['signal']})"
+    elif end.get("code") is not None:
+        how += f" (status {end['code']})"
+    addr = w.get("addr")
+    where = f"{addr:#x}" if isinstance(addr, int) else "?"
+    return (
+        f"client {w.get('client')} watch {w.get('id')}  pid {w.get('pid')}  "
+        f"{where}/{w.get('length')} {w.get('access')} {w.get('mode')}  "
+        f"count {w.get('count')}  {how}"
+    )
 
 
 def _holders(holders: Any) -> str:
@@ -174,12 +205,12 @@ COMMANDS: dict[str, Command] = {
         _watchcmd.configure, _watchcmd.run,
     ),
     "dr": Command(
-        "show or write this client's virtual debug registers of a thread",
-        _drcmd.configure, _drcmd.run,
+        "show or write this client's virtual debug registers of a thread, and its slots",
+        _drcmd.configure, _drcmd.run, check=_drcmd.check,
     ),
     "top": Command(
         "a refreshing view of targets, threads, slots (holders, hits/s) and clients",
-        _top.configure, _top.run,
+        _top.configure, _top.run, check=_top.check,
     ),
     "gdbserver": Command(
         "serve gdb or lldb (several at once) on a live process: target remote | hwbkpt "
@@ -219,12 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the daemon's socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})",
     )
     parser.add_argument(
-        "--timeout", type=float, default=30.0, metavar="SECONDS", help="per request"
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon's answer to each request (default 30)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         command.configure(p)
+        p.set_defaults(subparser=p)
     return parser
 
 
@@ -236,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hwbkpt``; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
+    if command.check is not None:
+        mistake = command.check(args)
+        if mistake is not None:
+            args.subparser.error(mistake)  # usage line and message on stderr, exit 2
     if not command.needs_daemon:
         return command.run(None, args)  # type: ignore[arg-type]
     try:

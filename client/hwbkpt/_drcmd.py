@@ -1,19 +1,25 @@
 """``hwbkpt dr TID [N VALUE ...]``: this client's virtual debug registers of a thread.
 
 Virtual registers belong to one connection (DESIGN §5.6): what this command writes lasts
-while it runs. Without writes it prints the eight registers with DR7 decoded per slot; with
-writes it applies them in order (as PTRACE_POKEUSER would), prints the result, and with
-``--wait`` keeps them in effect, printing each stop with this client's DR6, until Ctrl-C.
+while it runs, and each call is a new connection, so without writes they read empty. The
+command names the thread's state and the system call it is blocked in, applies the writes
+in order (as PTRACE_POKEUSER would), prints the eight registers
+with DR7 decoded per slot, and then what is useful beyond this connection: the thread's
+*physical* slots, every client's, with their owners (from ``status``). With ``--wait`` it
+keeps the writes in effect, printing each stop with this client's DR6, until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+from typing import Any
+
+import psutil
 
 from hwbkpt._blocking import Client
 
-__all__ = ["configure", "format_registers", "run"]
+__all__ = ["check", "configure", "describe_thread", "format_registers", "format_slots", "run"]
 
 _RW = {0b00: "x", 0b01: "w", 0b10: "io", 0b11: "rw"}
 _LEN = {0b00: 1, 0b01: 2, 0b11: 4, 0b10: 8}
@@ -47,15 +53,88 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _pairs(writes: list[str]) -> list[tuple[int, int]]:
+    """``N VALUE`` pairs; raises ValueError saying what is wrong (a usage mistake)."""
+    if len(writes) % 2:
+        raise ValueError(f"writes come in pairs: N VALUE (got {len(writes)} words)")
+    pairs = []
+    for n_text, value_text in zip(writes[::2], writes[1::2], strict=True):
+        try:
+            n, value = int(n_text, 0), int(value_text, 0)
+        except ValueError:
+            raise ValueError(f"{n_text} {value_text}: N and VALUE are numbers") from None
+        if not 0 <= n <= 7:
+            raise ValueError(f"there is no debug register {n}; use 0..7")
+        pairs.append((n, value))
+    return pairs
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """A usage mistake in ``args``, or ``None``."""
+    try:
+        _pairs(args.writes)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def format_slots(status: dict[str, Any], tid: int) -> str:
+    """The physical slots of thread ``tid`` in a ``status`` result, with their owners."""
+    names = {c.get("id"): c.get("name") or "?" for c in status.get("clients") or []}
+    for target in status.get("targets") or []:
+        for thread in target.get("threads") or []:
+            if thread.get("tid") != tid:
+                continue
+            slots = thread.get("slots") or []
+            lines = [f"physical slots of thread {tid} (every client's): {len(slots)} of 4 in use"]
+            for slot in slots:
+                owners = ", ".join(f"#{c} {names.get(c, '?')}" for c in slot.get("holders") or [])
+                lines.append(
+                    f"  {slot['addr']:#x}/{slot['length']} {slot['access']}  mode {slot['mode']}"
+                    f"  watches {','.join(str(w) for w in slot.get('watches') or [])}"
+                    f"  owners {owners or '-'}"
+                )
+            if thread.get("pending"):
+                lines.append(
+                    "  pending: watches " + ",".join(str(w) for w in thread["pending"])
+                )
+            return "\n".join(lines) + "\n"
+    return f"physical slots of thread {tid}: none (the daemon does not manage it now)\n"
+
+
+def describe_thread(tid: int) -> str:
+    """``thread 812 (prog): sleeping, in system call read``: the thread's state (psutil) and
+    the system call it is blocked in (/proc/TID/syscall, named by python-ptrace), as far as
+    this machine shows them (best effort: the daemon may serve another host's socket)."""
+    try:
+        process = psutil.Process(tid)  # a thread id is a psutil.Process too
+        text = f"thread {tid} ({process.name()}): {process.status()}"
+    except (psutil.Error, ValueError):
+        return f"thread {tid}: not found on this machine"
+    try:
+        with open(f"/proc/{tid}/syscall") as f:
+            first = f.read().split(maxsplit=1)[0]  # "running", "-1 ..." (user mode) or "NR ..."
+    except (OSError, IndexError):
+        return text
+    if first.isdigit():
+        # python-ptrace's table is imported only here: it takes ~35 ms to load.
+        from ptrace.syscall.names import SYSCALL_NAMES
+
+        text += f", in system call {SYSCALL_NAMES.get(int(first), f'#{first}')}"
+    return text
+
+
 def run(client: Client, args: argparse.Namespace) -> int:
-    if len(args.writes) % 2:
-        raise SystemExit("hwbkpt dr: writes come in pairs: N VALUE")
-    pairs = [
-        (int(n, 0), int(v, 0)) for n, v in zip(args.writes[::2], args.writes[1::2], strict=True)
-    ]
-    for n, value in pairs:
+    print(describe_thread(args.tid), flush=True)
+    for n, value in _pairs(args.writes):
         client.poke_dr(args.tid, n, value)
     print(format_registers([client.peek_dr(args.tid, n) for n in range(8)]), end="", flush=True)
+    if not args.writes:
+        print(
+            "  (these are this connection's virtual registers: each `hwbkpt dr` is a new\n"
+            "   connection, so they show only what one call writes; see --wait)"
+        )
+    print(format_slots(client.status(), args.tid), end="", flush=True)
     if not args.wait:
         return 0
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -59,9 +59,14 @@ class WatchInfo:
     """A watch as the client knows it: what was asked, and its state as last reported.
 
     ``state`` is what the ``watch`` call answered (e.g. ``"installed"`` or ``"pending"``)
-    and is updated, in order, by the ``installed``/``uninstalled`` events the client reads
-    for it; ``reason`` is the last uninstall reason (``"preempted"``, ``"busy"``, ...).
-    ``threads`` maps a thread id to that thread's state, for process-scope watches.
+    and is updated, in order, by the events that arrive for it (as they arrive, also while
+    a call waits for its answer): ``installed``/``uninstalled``, and ``exit``/``exec`` of its
+    process, after which it is ``"ended"``; ``reason`` is the last uninstall reason
+    (``"preempted"``, ``"busy"``, ...). ``threads`` maps a thread id to that thread's state,
+    for process-scope watches. ``ended`` is ``None``, or once the watch ended ``{"reason":
+    "exit" | "exec" | "thread-exit", "code": exit status or None, "signal": the signal that
+    killed the process or None}``. The daemon keeps an ended watch, and its final count,
+    until it is removed or the client disconnects.
     """
 
     def __init__(
@@ -90,12 +95,21 @@ class WatchInfo:
         self.access = access
         self.mode = mode
         self.priority = priority
+        self.ended: dict[str, Any] | None = result.get("ended")
 
     def _apply(self, event: Event) -> None:
         """Update the state from an event about this watch (called by the session)."""
         state = event.fields.get("state") or _STATE_AFTER.get(event.kind)
         if event.kind == "uninstalled" and event.fields.get("reason") == "thread-exit":
             state = "ended"
+            self.ended = {"reason": "thread-exit", "code": None, "signal": None}
+        elif event.kind in ("exit", "exec"):
+            fields = event.fields
+            self.ended = {
+                "reason": event.kind,
+                "code": fields.get("code"),
+                "signal": fields.get("signal"),
+            }
         if state is None:
             return
         tid = event.fields.get("tid")

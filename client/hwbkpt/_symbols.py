@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
+import psutil
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
@@ -153,13 +154,17 @@ def _match_lib(lib: str, paths: list[str]) -> list[str]:
     return out
 
 
-def _read_starttime(pid: int) -> int:
-    """Field 22 of ``/proc/PID/stat``: with the pid, it names the process (pids get reused)."""
-    with _proc_errors(pid), open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    # comm (field 2) may contain spaces and parentheses; fields resume after the last ')'.
-    rest = stat[stat.rindex(b")") + 2 :].split()
-    return int(rest[19])
+def _read_starttime(pid: int) -> float:
+    """When ``pid`` started (psutil's ``create_time``): with the pid, it names the process
+    (pids get reused)."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.NoSuchProcess as err:
+        raise NoSuchProcessError(f"process {pid} does not exist (any more)") from err
+    except psutil.AccessDenied as err:
+        raise PermissionDeniedError(
+            f"may not read the memory map of process {pid}; run as its owner or as root"
+        ) from err
 
 
 @contextlib.contextmanager
@@ -198,15 +203,15 @@ class _ElfFile:
     hi: int
     by_name: dict[str, list[_Sym]]  # .symtab entries before .dynsym entries
     copy_relocs: frozenset[str]
-    _funcs: tuple[list[int], list[_Sym]] | None = field(default=None, repr=False)
+    _tables: dict[str, tuple[list[int], list[_Sym]]] = field(default_factory=dict, repr=False)
 
-    def function_table(self) -> tuple[list[int], list[_Sym]]:
-        """Function start addresses (link-time, sorted) and their symbols; built once."""
-        if self._funcs is None:
+    def table(self, sym_type: str) -> tuple[list[int], list[_Sym]]:
+        """Start addresses (link-time, sorted) and symbols of one ``STT_*`` type; built once."""
+        if sym_type not in self._tables:
             best: dict[int, _Sym] = {}
             for syms in self.by_name.values():
                 for s in syms:
-                    if s.type != "STT_FUNC":
+                    if s.type != sym_type:
                         continue
                     old = best.get(s.value)
                     # one name per address: global before weak before local, then the
@@ -214,8 +219,8 @@ class _ElfFile:
                     if old is None or _func_rank(s) < _func_rank(old):
                         best[s.value] = s
             starts = sorted(best)
-            self._funcs = (starts, [best[a] for a in starts])
-        return self._funcs
+            self._tables[sym_type] = (starts, [best[a] for a in starts])
+        return self._tables[sym_type]
 
 
 def _func_rank(s: _Sym) -> tuple[int, int, str, int]:
@@ -497,10 +502,11 @@ class Symbolizer:
 
     # -- addresses to names
 
-    def symbolize(self, addr: int) -> str:
+    def symbolize(self, addr: int, *, data: bool = False) -> str:
         """Name a code address: ``"function+0x1d (libfoo.so)"``, ``"function (libfoo.so)"``
         at the very start, ``"0x… (libfoo.so)"`` in a file but no function, ``"0x…"`` when
-        nothing is mapped there.
+        nothing is mapped there. ``data=True`` names a variable's address the same way
+        (``"counter+0x8 (prog)"``), from the file's object symbols.
 
         Raises :class:`NoSuchProcessError` / :class:`PermissionDeniedError` only if the
         memory map must be re-read and cannot be.
@@ -515,7 +521,7 @@ class Symbolizer:
         elf = self._elf(key)
         if isinstance(elf, str):
             return f"{addr:#x} ({base})"
-        starts, syms = elf.function_table()
+        starts, syms = elf.table("STT_OBJECT" if data else "STT_FUNC")
         link = addr - elf.bias
         i = bisect.bisect_right(starts, link) - 1
         if i >= 0:
@@ -550,7 +556,7 @@ class Symbolizer:
 
 
 _CACHE_SIZE = 16
-_cache: OrderedDict[tuple[int, int], Symbolizer] = OrderedDict()
+_cache: OrderedDict[tuple[int, float], Symbolizer] = OrderedDict()
 
 
 def _symbolizer(pid: int) -> Symbolizer:

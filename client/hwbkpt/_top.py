@@ -11,7 +11,10 @@ divided by the time between them. A daemon whose status has no such field gets `
 (the per-watch ``count`` calls only cover this client's own watches, and the slots of
 ``top`` are everybody's).
 
-Frames are built by :class:`Frames`, which does no I/O, so the text is the same on a
+Slots are named from the target's ELF symbols (``counter+0x8``) by a *namer* given to
+:class:`Frames`; the counters line is wrapped to the terminal's width.
+
+Frames are built by :class:`Frames`, which does no I/O itself, so the text is the same on a
 terminal (curses, stdlib) and with ``--once`` (plain text on stdout, for scripts). On a
 terminal: ``q`` quits, arrows / PgUp / PgDn / Home scroll, a resize redraws at once, and
 Ctrl-C quits too; the terminal is restored however it ends (``curses.wrapper``). Only
@@ -23,14 +26,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import curses
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hwbkpt._blocking import Client
+import psutil
 
-__all__ = ["Frames", "configure", "run"]
+from hwbkpt._blocking import Client
+from hwbkpt._symbols import Symbolizer
+from hwbkpt_proto import HwbkptError
+
+__all__ = ["Frames", "Namer", "check", "configure", "run", "symbol_namer"]
 
 SLOTS_PER_THREAD = 4
 _SlotKey = tuple[Any, ...]
@@ -77,12 +86,55 @@ def format_duration(seconds: float) -> str:
 
 
 def _comm(pid: Any) -> str:
-    """The process's name from /proc (best effort: ``top`` may run on another host's socket)."""
+    """The process's name (best effort: ``top`` may run on another host's socket)."""
     try:
-        with open(f"/proc/{int(pid)}/comm") as f:
-            return f.read().strip()
-    except (OSError, ValueError, TypeError):
+        return str(psutil.Process(int(pid)).name())
+    except (psutil.Error, ValueError, TypeError):
         return ""
+
+
+#: Names an address of a process for people: ``(pid, addr, code) -> "counter+0x8"`` or None.
+Namer = Callable[[int, int, bool], str | None]
+
+
+def symbol_namer() -> Namer:
+    """A :data:`Namer` reading each process's ELF symbols (one Symbolizer per process, kept
+    while it lives). Best effort: a process that is gone or unreadable gets no names."""
+    cache: dict[int, Symbolizer | None] = {}
+
+    def name(pid: int, addr: int, code: bool) -> str | None:
+        if pid not in cache:
+            try:
+                cache[pid] = Symbolizer(pid)
+            except HwbkptError:
+                cache[pid] = None
+        symbolizer = cache[pid]
+        if symbolizer is None:
+            return None
+        try:
+            text = symbolizer.symbolize(addr, data=not code)
+        except HwbkptError:
+            cache.pop(pid, None)  # gone, or exec'd: try again next frame
+            return None
+        # "counter+0x8 (prog)": the file is the target's own more often than not, and the
+        # slot line is narrow; an address with no symbol gets no name.
+        label = text.split(" (", 1)[0]
+        return None if label.startswith("0x") else label
+
+    return name
+
+
+def _fit(parts: list[str], width: int | None, first: str, indent: str) -> list[str]:
+    """``parts`` joined by two spaces after ``first``, wrapped to ``width`` columns."""
+    lines = [first]
+    for part in parts:
+        sep = "" if lines[-1] in (first, indent) else "  "
+        if width is not None and len(lines[-1]) + len(sep) + len(part) > width and \
+                lines[-1] not in (first, indent):
+            lines.append(indent)
+            sep = ""
+        lines[-1] += sep + part
+    return lines
 
 
 @dataclass
@@ -90,16 +142,19 @@ class Frames:
     """Turns successive ``status`` results into frames (lists of lines).
 
     Keeps the previous sample of each slot's ``hits`` and of the daemon counters, so a
-    frame can show rates. ``slots_per_thread`` is what ``hello`` said (4 on x86-64).
+    frame can show rates. ``slots_per_thread`` is what ``hello`` said (4 on x86-64);
+    ``namer`` names slot addresses (:func:`symbol_namer`; ``None``: addresses only).
     """
 
     slots_per_thread: int = SLOTS_PER_THREAD
+    namer: Namer | None = None
     _hits: dict[_SlotKey, int] = field(default_factory=dict)
     _counters: dict[str, int] = field(default_factory=dict)
     _when: float | None = None
 
-    def frame(self, status: dict[str, Any], now: float) -> list[str]:
-        """The lines of one frame for ``status`` sampled at ``now`` (monotonic seconds)."""
+    def frame(self, status: dict[str, Any], now: float, width: int | None = None) -> list[str]:
+        """The lines of one frame for ``status`` sampled at ``now`` (monotonic seconds);
+        the counters are wrapped to ``width`` columns (``None``: one line)."""
         elapsed = None if self._when is None else now - self._when
         if elapsed is not None and elapsed <= 0:
             elapsed = None
@@ -115,7 +170,7 @@ class Frames:
             + f"  {len(clients)} client{'s' * (len(clients) != 1)}"
             + f"  {len(targets)} target{'s' * (len(targets) != 1)}"
         )
-        out.append(self._counter_line(status.get("counters") or {}, elapsed))
+        out.extend(self._counter_lines(status.get("counters") or {}, elapsed, width))
         out.append("")
 
         hits_now: dict[_SlotKey, int] = {}
@@ -145,7 +200,7 @@ class Frames:
                     )
                 out.append(line)
                 out.append(
-                    f"      {'slot':<5}{'key':<26}{'mode':<8}{'hits/s':>8}  holders"
+                    f"      {'slot':<5}{'key':<26}{'symbol':<18}{'mode':<8}{'hits/s':>8}  holders"
                 )
                 slots = [s for s in th.get("slots") or [] if isinstance(s, dict)]
                 for index in range(max(self.slots_per_thread, len(slots))):
@@ -162,8 +217,9 @@ class Frames:
                     who = ", ".join(self._client_text(c, names) for c in holders) or "-"
                     if slot.get("watches"):
                         who += "  (watches " + ",".join(str(w) for w in slot["watches"]) + ")"
+                    symbol = self._name(pid, slot) or "-"
                     out.append(
-                        f"      {index:<5}{text_key:<26}{slot.get('mode', '?'):<8}"
+                        f"      {index:<5}{text_key:<26}{symbol:<18}{slot.get('mode', '?'):<8}"
                         f"{self._slot_rate(slot, key, elapsed, hits_now):>8}  {who}"
                     )
                 pending = th.get("pending") or []
@@ -191,6 +247,12 @@ class Frames:
         self._when = now
         return out
 
+    def _name(self, pid: Any, slot: dict[str, Any]) -> str | None:
+        addr = slot.get("addr")
+        if self.namer is None or not isinstance(pid, int) or not isinstance(addr, int):
+            return None
+        return self.namer(pid, addr, slot.get("access") == "x")
+
     @staticmethod
     def _client_text(cid: Any, names: dict[Any, str]) -> str:
         if isinstance(cid, dict):  # tolerate a richer holder entry
@@ -213,7 +275,9 @@ class Frames:
             return "..."  # the first sample of this slot (or it was reopened): no rate yet
         return _rate(hits - before, elapsed)
 
-    def _counter_line(self, counters: dict[str, Any], elapsed: float | None) -> str:
+    def _counter_lines(
+        self, counters: dict[str, Any], elapsed: float | None, width: int | None
+    ) -> list[str]:
         parts = []
         for name, value in counters.items():
             if not isinstance(value, int):
@@ -224,18 +288,25 @@ class Frames:
             elif value:
                 parts.append(f"{name} {value}")
         self._counters = {k: v for k, v in counters.items() if isinstance(v, int)}
-        return "counters: " + ("  ".join(parts) if parts else "-")
+        return _fit(parts or ["-"], width, "counters: ", " " * len("counters: "))
 
 
 # -- running ------------------------------------------------------------------------------
 
 
+def check(args: argparse.Namespace) -> str | None:
+    """A usage mistake in ``args``, or ``None``."""
+    return None if args.interval > 0 else f"--interval must be positive, not {args.interval:g}"
+
+
 def run(client: Client, args: argparse.Namespace) -> int:
-    if args.interval <= 0:
-        raise SystemExit("hwbkpt top: --interval must be positive")
-    frames = Frames(int(client.server_info.get("slots_per_thread", SLOTS_PER_THREAD)))
+    frames = Frames(
+        int(client.server_info.get("slots_per_thread", SLOTS_PER_THREAD)), symbol_namer()
+    )
     if args.once or not sys.stdout.isatty():
-        lines = _once(client, frames, min(args.interval, 1.0))
+        # $COLUMNS or the terminal's width, 80 for a pipe (shutil.get_terminal_size)
+        width = shutil.get_terminal_size().columns
+        lines = _once(client, frames, min(args.interval, 1.0), width)
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
         return 0
@@ -250,12 +321,12 @@ def run(client: Client, args: argparse.Namespace) -> int:
         return 2
 
 
-def _once(client: Client, frames: Frames, interval: float) -> list[str]:
+def _once(client: Client, frames: Frames, interval: float, width: int) -> list[str]:
     status = client.status()
-    lines = frames.frame(status, time.monotonic())
+    lines = frames.frame(status, time.monotonic(), width)
     if _has_slot_hits(status):
         time.sleep(interval)
-        lines = frames.frame(client.status(), time.monotonic())
+        lines = frames.frame(client.status(), time.monotonic(), width)
     return lines
 
 
@@ -278,10 +349,10 @@ def _loop(screen: Any, client: Client, frames: Frames, interval: float) -> int:
     next_refresh = 0.0
     while True:
         now = time.monotonic()
-        if now >= next_refresh:
-            lines = frames.frame(client.status(), now)
-            next_refresh = now + interval
         height, width = screen.getmaxyx()
+        if now >= next_refresh:
+            lines = frames.frame(client.status(), now, width)
+            next_refresh = now + interval
         body = max(1, height - 1)
         offset = max(0, min(offset, len(lines) - body))
         _draw(screen, lines, offset, height, width, interval)

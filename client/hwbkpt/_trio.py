@@ -39,11 +39,18 @@ class AsyncWatch(WatchInfo):
         self._client = client
 
     async def count(self) -> int:
-        """Hits of this watch since it was installed (``count`` mode)."""
+        """Hits of this watch since it was installed (any mode); after its process exited
+        or called exec (``state == "ended"``), its final count.
+
+        Raises NotFoundError once the watch was removed.
+        """
         return int(await self._client.call("count", id=self.id))
 
     async def remove(self) -> None:
-        """Remove the watch (``unwatch``); its slots go to pending watches."""
+        """Remove the watch (``unwatch``), ended or not; its slots go to pending watches.
+
+        Raises NotFoundError if it was removed already.
+        """
         await self._client.call("unwatch", id=self.id)
         self._client._session.forget_watch(self.id)
         self.state = "removed"
