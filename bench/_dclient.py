@@ -115,6 +115,76 @@ def stop(p: Params) -> None:
         _say("result", {"stops": stops})
 
 
+def cond(p: Params) -> None:
+    """One watch with ``p["condition"]`` in ``p["mode"]``: count; stop (resumes each stop);
+    notify (reads the hits, with their values, until ``p["expected"]`` hits + lost)."""
+    done = _stdin_event()
+    stops = 0
+    new: list[int] = []
+    with _client(p) as c:
+        w = c.watch(p["pid"], p["addr"], length=8, access="w", mode=p["mode"],
+                    condition=p["condition"])
+        _say("ready")
+        if p["mode"] == "notify":  # read hits as they come, as notify() does
+            hits = lost = 0
+            quiet_since = None
+            while True:
+                ev = _next_event(c, 0.1)
+                if ev is None:
+                    if done.is_set():
+                        quiet_since = quiet_since or time.monotonic()
+                        if time.monotonic() - quiet_since > 1.0:
+                            break
+                    continue
+                quiet_since = None
+                if ev.kind == "hit":
+                    hits += 1
+                    if len(new) < 10:
+                        new.append(ev.get("new"))
+                elif ev.kind == "lost":
+                    lost += int(ev.count)
+                if done.is_set() and hits + lost >= int(p["expected"]):
+                    break
+            _say("result", {"count": int(w.count()), "hits": hits, "lost": lost, "new": new})
+            return
+        while not done.is_set() or (p["mode"] == "stop" and stops < int(p.get("stops", 0))):
+            ev = _next_event(c, 0.1)
+            if ev is not None and ev.kind == "stop":
+                new.append(ev.get("new"))
+                c.resume(ev.tid, wait=False)
+                stops += 1
+        _say("result", {"count": int(w.count()), "stops": stops, "new": new[:10]})
+
+
+def gdb(p: Params) -> None:
+    """gdb's own conditional watchpoint on the target: ``watch -l *(long *)ADDR if COND``,
+    continued in batch mode. The target is stopped by gdb's attach until ``continue``, so
+    saying "ready" before gdb has continued lets no write slip by unwatched."""
+    import subprocess
+
+    done = _stdin_event()
+    cmd = ["gdb", "-q", "-nx", "-batch", "-p", str(p["pid"]),
+           "-ex", "set pagination off",
+           "-ex", f"watch -l *(long *){p['addr']:#x} if {p['condition']}",
+           "-ex", "echo GDB-READY\\n",
+           "-ex", "continue"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "GDB-READY" in line:
+            break
+    else:
+        raise RuntimeError("gdb did not set its watchpoint: " + "".join(out[-5:]))
+    _say("ready")
+    done.wait()
+    rest = proc.stdout.read()
+    proc.wait(30)
+    _say("result", {"ok": "exited normally" in rest or proc.returncode == 0,
+                    "watchpoint": "atchpoint" in "".join(out)})
+
+
 def threads(p: Params) -> None:
     done = _stdin_event()
     ins: list[int] = []
@@ -203,7 +273,7 @@ def rpc(p: Params) -> None:
 
 
 MODES: dict[str, Callable[[Params], None]] = {
-    "ping": ping, "count": count, "notify": notify, "stop": stop,
+    "ping": ping, "count": count, "notify": notify, "stop": stop, "cond": cond, "gdb": gdb,
     "threads": threads, "memory": memory, "rpc": rpc,
 }
 

@@ -44,7 +44,7 @@ from bench._procs import (
 
 REFS = ["target", "count_ref", "notify_ref", "stop_ref", "threads_target", "threads_ref",
         "mem_ref", "rpc_ref"]
-SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory", "gdb"]
+SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory", "cond", "gdb"]
 DEFAULT_JSON = HERE / "results" / "latest.json"
 PY = sys.executable
 
@@ -102,11 +102,12 @@ def failed(err: str) -> dict[str, Any]:
 class Daemon:
     """The daemon under test: started once, SIGTERMed at the end, always."""
 
-    def __init__(self, stack: ExitStack, enabled: bool) -> None:
+    def __init__(self, stack: ExitStack, enabled: bool, args: tuple[str, ...] = ()) -> None:
+        self.args = args  # extra command-line arguments (e.g. --no-bpf)
         self.proc: Proc | None = None
         self.error: str | None = None
         self.tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hwbkbench-")))
-        self.socket = str(self.tmp / "bench.sock")
+        self.socket = str(self.tmp / ("bench.sock" if not args else "bench2.sock"))
         if not enabled:
             self.error = "not started (--no-daemon)"
             return
@@ -119,8 +120,8 @@ class Daemon:
 
     def _start(self) -> None:
         self.proc = Proc([PY, "-m", "hwbkptd._main", "--socket", self.socket,
-                          "--log-level", "warning"], name="hwbkptd", term_first=True,
-                         stdin=False)
+                          "--log-level", "warning", *self.args], name="hwbkptd",
+                         term_first=True, stdin=False)
         deadline = time.monotonic() + 20
         last = "socket never appeared"
         while time.monotonic() < deadline:
@@ -282,6 +283,12 @@ class Bench:
             raise BenchError(f"count() said {got}, the target wrote {n} times")
         return ns
 
+    # -- 7. conditions (bench/_condbench.py)
+    def cond(self) -> dict[str, Any]:
+        from bench import _condbench
+
+        return _condbench.run(self)
+
     # -- 2. notify
     def notify(self) -> dict[str, Any]:
         n = self.s.notify_n
@@ -384,7 +391,7 @@ class Bench:
                 raise BenchError(f"a stop client saw {got} stop events, the target hit {n}")
         return ns
 
-    # -- 7. gdb: watch + continue, through hwbkpt gdbserver vs gdb attached by itself
+    # -- 8. gdb: watch + continue, through hwbkpt gdbserver vs gdb attached by itself
     def gdb(self) -> dict[str, Any]:
         n = self.s.gdb_n
         gdb = shutil.which("gdb")
@@ -696,6 +703,10 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                 s["ratio"]["new_thread_extra_us"], ""
             yield name, "new thread: start, no watch", \
                 s["reference"]["spawn_baseline_us"], None, None, ""
+        elif name == "cond":
+            from bench import _condbench
+
+            yield from _condbench.rows(s)
         elif name == "gdb":
             for place, p in s["placements"].items():
                 yield name, f"{place}: per stop, watch+continue, served vs native", \

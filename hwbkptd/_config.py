@@ -27,3 +27,4 @@ class Config:
     park: bool = False
     notify_ring_kib: int = 2048
     notify_ring_budget_mib: int = 256
+    bpf: bool = True  # evaluate conditions in the kernel when it can (hwbkptd --no-bpf)

@@ -42,17 +42,23 @@ from typing import Any
 
 from hwbkpt_proto import (
     InvalidArgumentError,
+    LimitExceededError,
     NoSpaceError,
     NoSuchProcessError,
     NotFoundError,
     PermissionDeniedError,
 )
 from hwbkptd._alloc import CAPACITY, Want, choose
+from hwbkptd._cond import Condition
 from hwbkptd._model import Mode, Spec
 from hwbkptd._records import (
+    FILTER_HITS,
+    FILTER_LAST_NEW,
+    FILTER_LAST_OLD,
     TOKEN_MAGIC,
     ClientRec,
     Emit,
+    Filter,
     Port,
     SigInfo,
     SlotRec,
@@ -74,6 +80,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# A slot's hit records say which notify conditions held in one 64-bit mask (hwbkptd/_bpf.py).
+MAX_NOTIFY_CONDITIONS = 64
+
 
 class Engine(StopHandling):
     """All daemon state that is not I/O. See the module docstring."""
@@ -86,10 +95,14 @@ class Engine(StopHandling):
         park: bool = False,
         clock: Callable[[], int] = time.monotonic_ns,
         int1_faults: bool = False,
+        bpf: bool = True,
     ) -> None:
         """``int1_faults``: this CPU reports the program's own ``int1`` *at* its 0xF1 byte
-        rather than after it (:func:`hwbkptd._platform.int1_faults` measures it)."""
+        rather than after it (:func:`hwbkptd._platform.int1_faults` measures it). ``bpf``:
+        the port evaluates conditions in the kernel; else at a ptrace stop of every hit, so
+        a slot with conditions is then opened in stop mode."""
         self._port = port
+        self._bpf = bpf
         self._emit = emit
         self._park = park
         self._int1_faults = int1_faults
@@ -161,12 +174,28 @@ class Engine(StopHandling):
         tid: int | None = None,
         priority: int = 0,
         vdr_slot: int | None = None,
+        condition: Condition | None = None,
     ) -> WatchRec:
         """Create a watch and try to install it.
 
+        ``condition`` (parsed for ``spec.length``): only hits for which it is true count,
+        notify or stop; it is evaluated in the kernel by the slot's filter program.
+
         Raises NoSuchProcessError (no such process or thread), BusyError (traced by someone
-        else), PermissionDeniedError (the kernel refused to seize it).
+        else), PermissionDeniedError (the kernel refused to seize it), LimitExceededError
+        (more than MAX_NOTIFY_CONDITIONS notify watches with conditions on one key).
         """
+        if condition is not None and mode is Mode.NOTIFY:
+            same = [
+                w
+                for w in self.targets[pid].watches.values()
+                if w.spec == spec and w.mode is Mode.NOTIFY and w.condition is not None
+            ] if pid in self.targets else []  # fmt: skip
+            if len(same) >= MAX_NOTIFY_CONDITIONS:
+                raise LimitExceededError(
+                    f"{len(same)} notify watches with conditions share this address already; "
+                    f"one slot's program tells at most {MAX_NOTIFY_CONDITIONS} of them apart"
+                )
         target = self._ensure_target(pid)
         if tid is not None and tid not in target.threads:
             self._maybe_detach(target)
@@ -181,6 +210,8 @@ class Engine(StopHandling):
             priority=priority,
             seq=next(self._seq),
             vdr_slot=vdr_slot,
+            condition=condition,
+            path=None if condition is None else "bpf" if self._bpf else "ptrace",
         )
         self._clients[cid].watches[watch.id] = watch
         self._watches[watch.id] = watch
@@ -329,7 +360,7 @@ class Engine(StopHandling):
         return thread.pid if thread is not None else None
 
     def on_samples(
-        self, token: int, samples: Iterable[tuple[int, int, int]], lost: int, throttled: int = 0
+        self, token: int, samples: Iterable[tuple[int, ...]], lost: int, throttled: int = 0
     ) -> None:
         """What was drained from a notify-mode slot's ring: hits, losses, and throttling.
 
@@ -362,7 +393,9 @@ class Engine(StopHandling):
         if not by_client:
             return
         samples = list(samples)
-        if samples:
+        if samples and len(samples[0]) == 6:
+            self._on_records(thread, slot, samples)
+        elif samples:
             self.counters["hits_notified"] += len(samples)
             if len(samples) == 1:
                 tid, ip, when = samples[0]
@@ -381,6 +414,62 @@ class Engine(StopHandling):
             self.counters["hits_lost_ring"] += lost
             for cid in by_client:
                 self._emit(cid, "lost", {"count": lost, "what": "hit", "where": "ring"}, True)
+
+    @staticmethod
+    def _records_of(slot: SlotRec) -> bool:
+        """Whether the slot's filter writes hit records (it has notify watches)."""
+        return bool(slot.filtered) and (
+            slot.flags[1] or any(w.mode is Mode.NOTIFY for w in slot.filtered)
+        )
+
+    def _on_records(
+        self, thread: ThreadRec, slot: SlotRec, records: list[tuple[int, ...]]
+    ) -> None:
+        """Hit records of a filtered slot: each to the notify watches it matched.
+
+        ``mask`` bit *k* stands for the *k*-th conditional notify watch of the slot's filter
+        (hwbkptd/_bpf.py); unconditional notify watches get every record. Runs of records
+        for the same watches of a client go out as one ``hits`` event, with the values.
+        """
+        conditional = [w for w in slot.filtered if w.mode is Mode.NOTIFY]
+        plain = [w for w in slot.watches if w.mode is Mode.NOTIFY and w.condition is None]
+        # Who gets a record depends on its mask only: route each mask once per batch.
+        routes: dict[int, list[tuple[int, list[int]]]] = {}
+        runs: dict[int, list[tuple[list[int], list[tuple[int, ...]]]]] = defaultdict(list)
+        for record in records:
+            mask = record[5]
+            route = routes.get(mask)
+            if route is None:
+                matched = list(plain)
+                for k, watch in enumerate(conditional):
+                    if mask >> k & 1 and watch in slot.watches:
+                        matched.append(watch)
+                by_client: dict[int, list[int]] = defaultdict(list)
+                for watch in matched:
+                    by_client[watch.client].append(watch.id)
+                route = routes[mask] = list(by_client.items())
+            for cid, wids in route:
+                mine = runs[cid]
+                if mine and mine[-1][0] is wids:
+                    mine[-1][1].append(record)
+                else:
+                    mine.append((wids, [record]))
+        self.counters["hits_notified"] += len(records)
+        for cid, mine in runs.items():
+            for wids, run in mine:
+                if len(run) == 1:
+                    tid, ip, when, new, old, _ = run[0]
+                    fields = {"watches": wids, "tid": tid, "ip": ip, "time": when}
+                    self._emit(cid, "hit", fields | {"new": new, "old": old}, True)
+                    continue
+                tids, ips, times, news, olds, _ = (list(c) for c in zip(*run, strict=True))
+                self._emit(
+                    cid,
+                    "hits",
+                    {"watches": wids, "tid": tids, "ip": ips, "time": times, "new": news,
+                     "old": olds},
+                    True,
+                )  # fmt: skip
 
     def retry_busy(self) -> None:
         """Try again to install specs the kernel refused with ENOSPC."""
@@ -426,6 +515,10 @@ class Engine(StopHandling):
                             "hits": slot.last,
                             "watches": [w.id for w in slot.watches],
                             "holders": sorted({w.client for w in slot.watches}),
+                            # Where the conditions of its watches are evaluated, if any.
+                            "conditions": ("bpf" if self._bpf else "ptrace")
+                            if slot.filtered
+                            else None,
                         }
                     )
                 pending = [
@@ -634,10 +727,17 @@ class Engine(StopHandling):
                 continue
             watches = by_spec[spec]
             mode = max(w.mode for w in watches)
+            filtered, flags = self._filter_of(watches)
+            if filtered and not self._bpf:
+                mode = Mode.STOP  # the port evaluates the conditions at each hit's stop
             slot = thread.slots.get(spec)
             if slot is not None and any(w not in slot.watches for w in watches):
                 self._refresh(slot)  # baseline: earlier hits are not the newcomer's
-            if slot is not None and slot.mode != mode:
+            if slot is not None and (
+                slot.mode != mode or slot.filtered != filtered or slot.flags != flags
+            ):
+                # A new set of conditions is a new program, and an event's program cannot
+                # be replaced (PERF_EVENT_IOC_SET_BPF answers EEXIST): reopen, as for a mode.
                 if not stopped:
                     self._reopen_later(thread)
                     slot.watches = watches
@@ -645,7 +745,7 @@ class Engine(StopHandling):
                 self._close_slot(thread, spec)
                 slot = None
             if slot is None:
-                slot = self._open_slot(thread, spec, mode)
+                slot = self._open_slot(thread, spec, mode, filtered, flags)
                 if slot is None and spec in thread.busy:
                     # The kernel is out of slots (someone outside the daemon holds some):
                     # our own lower-ranked slot gives way, as priority says (DESIGN 5.1).
@@ -653,7 +753,7 @@ class Engine(StopHandling):
                     if lower:
                         self._close_slot(thread, max(lower, key=lambda s: rank[s]))
                         thread.busy.discard(spec)
-                        slot = self._open_slot(thread, spec, mode)
+                        slot = self._open_slot(thread, spec, mode, filtered, flags)
                 if slot is None:
                     continue
             slot.watches = watches
@@ -688,10 +788,39 @@ class Engine(StopHandling):
                         False,
                     )
 
-    def _open_slot(self, thread: ThreadRec, spec: Spec, mode: Mode) -> SlotRec | None:
+    @staticmethod
+    def _filter_of(watches: list[WatchRec]) -> tuple[tuple[WatchRec, ...], tuple[bool, bool]]:
+        """The conditional watches of a slot, whether every hit must be delivered anyway (an
+        unconditional stop watch) and whether every hit must be recorded (an unconditional
+        notify watch). Unconditional counts come from the event's own counter, which counts
+        every hit whatever the program says."""
+        filtered = tuple(w for w in watches if w.condition is not None)
+        if not filtered:
+            return (), (False, False)
+        plain = [w.mode for w in watches if w.condition is None]
+        return filtered, (Mode.STOP in plain, Mode.NOTIFY in plain)
+
+    def _open_slot(
+        self,
+        thread: ThreadRec,
+        spec: Spec,
+        mode: Mode,
+        filtered: tuple[WatchRec, ...] = (),
+        flags: tuple[bool, bool] = (False, False),
+    ) -> SlotRec | None:
         token = TOKEN_MAGIC | next(self._token_ids)
+        flt = None
+        if filtered:
+            flt = Filter(
+                conditions=tuple(w.condition for w in filtered if w.condition is not None),
+                always=flags[0],
+                hits=tuple(w.cond_hits.get(thread.tid, 0) for w in filtered),
+                deliver=tuple(w.mode is Mode.STOP for w in filtered),
+                notify=tuple(i for i, w in enumerate(filtered) if w.mode is Mode.NOTIFY),
+                notify_all=flags[1],
+            )
         try:
-            handle = self._port.open_slot(thread.tid, spec, mode, token)
+            handle = self._port.open_slot(thread.tid, spec, mode, token, flt)
         except NoSpaceError:
             thread.busy.add(spec)
             self.counters["slots_busy"] += 1
@@ -702,7 +831,9 @@ class Engine(StopHandling):
             log.warning("kernel refused %s on %d: %s", spec, thread.tid, err)
             thread.busy.add(spec)
             return None
-        slot = SlotRec(spec=spec, handle=handle, mode=mode, token=token)
+        slot = SlotRec(spec=spec, handle=handle, mode=mode, token=token, tid=thread.tid)
+        if flt is not None:
+            slot.filtered, slot.flags, slot.cond_last = filtered, flags, list(flt.hits)
         thread.slots[spec] = slot
         thread.had_slots = True
         if mode is Mode.STOP:
@@ -714,7 +845,7 @@ class Engine(StopHandling):
     def _close_slot(self, thread: ThreadRec, spec: Spec) -> None:
         slot = thread.slots.pop(spec)
         self._refresh(slot)
-        if slot.mode is Mode.NOTIFY:
+        if slot.mode is Mode.NOTIFY or (self._bpf and self._records_of(slot)):
             # Hits still in the ring (and losses the kernel never got to report) belong to
             # the watches of this slot: deliver them before the ring goes.
             try:
@@ -728,16 +859,46 @@ class Engine(StopHandling):
         finally:
             thread.freed = True  # capacity may have changed for what the kernel refused
 
-    def _refresh(self, slot: SlotRec) -> int:
-        """Read the slot's counter; credit the delta to every watch installed on it."""
+    def _refresh(self, slot: SlotRec) -> list[WatchRec]:
+        """Read the slot's counters; credit each watch installed on it with its new hits.
+
+        Returns the watches credited. An unconditional watch gets the event counter's
+        delta (every hit); a conditional one its own counter's delta in the slot's filter
+        (its true hits).
+        """
         try:
             now = self._port.read_count(slot.handle)
         except NoSuchProcessError:
-            return 0
+            return []
+        credited: list[WatchRec] = []
         delta = now - slot.last
         if delta > 0:
             slot.last = now
             for watch in slot.watches:
-                watch.count += delta
-            return delta
-        return 0
+                if watch.condition is None:
+                    watch.count += delta
+                    credited.append(watch)
+        if slot.filtered:
+            # Read even when the event's counter did not move: the kernel counts the hit
+            # before the program runs (perf_swevent_event, then the overflow handler), so a
+            # read on another CPU in between saw the count but not yet the program's work.
+            self._refresh_filter(slot, credited)
+        return credited
+
+    def _refresh_filter(self, slot: SlotRec, credited: list[WatchRec]) -> None:
+        try:
+            words = self._port.read_filter(slot.handle)
+        except NoSuchProcessError:
+            return
+        slot.values = (words[FILTER_LAST_NEW], words[FILTER_LAST_OLD])
+        for i, watch in enumerate(slot.filtered):
+            now = words[FILTER_HITS + i]
+            delta = now - slot.cond_last[i]
+            if delta <= 0:
+                continue
+            slot.cond_last[i] = now
+            if watch not in slot.watches:
+                continue  # left the slot; its program is replaced at the next stop
+            watch.count += delta
+            watch.cond_hits[slot.tid] = watch.cond_hits.get(slot.tid, 0) + delta
+            credited.append(watch)

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import mmap
 import os
@@ -91,6 +92,7 @@ from hwbkpt_proto._errors import (
     NoSuchProcessError,
     PermissionDeniedError,
 )
+from hwbkptd._bpf import RECORD_SIZE, Program
 from hwbkptd._model import Access, Mode
 
 __all__ = [
@@ -105,6 +107,7 @@ __all__ = [
     "TRAP_HWBKPT",
     "TRAP_PERF",
     "TRAP_TRACE",
+    "BpfFilter",
     "BreakpointEvent",
     "ChildSignals",
     "EventStop",
@@ -115,6 +118,7 @@ __all__ = [
     "SigInfo",
     "SignalStop",
     "WaitEvent",
+    "bpf_available",
     "cont",
     "decode_status",
     "detach",
@@ -191,6 +195,7 @@ PERF_RECORD_THROTTLE: Final = 5
 PERF_RECORD_UNTHROTTLE: Final = 6
 PERF_RECORD_SAMPLE: Final = 9
 # perf_event_attr flag bits (the bitfield word at offset 40)
+_ATTR_DISABLED: Final = 1 << 0
 _ATTR_EXCLUDE_KERNEL: Final = 1 << 5
 _ATTR_EXCLUDE_HV: Final = 1 << 6
 _ATTR_WATERMARK: Final = 1 << 14
@@ -881,10 +886,20 @@ def proc_creds(pid: int) -> ProcCreds:
 
 
 def _perf_attr(
-    addr: int, length: int, access: Access, mode: Mode, sig_data: int, wakeup: int
+    addr: int,
+    length: int,
+    access: Access,
+    mode: Mode,
+    sig_data: int,
+    wakeup: int,
+    filtered: bool = False,
 ) -> ctypes.Array[ctypes.c_char]:
     flags = _ATTR_EXCLUDE_KERNEL | _ATTR_EXCLUDE_HV | _ATTR_REMOVE_ON_EXEC
-    sample_period = sample_type = wakeup_events = 0
+    sample_type = wakeup_events = 0
+    # A BPF program runs only when the event overflows (bpf_overflow_handler, called from
+    # __perf_event_overflow): a filtered counting event samples every hit, with nowhere to
+    # write the sample (its program returns 0 anyway: it only counts).
+    sample_period = 1 if filtered else 0
     if mode is Mode.NOTIFY:
         sample_period, wakeup_events = 1, wakeup
         sample_type = PERF_SAMPLE_IP | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
@@ -925,12 +940,18 @@ class BreakpointEvent:
         *,
         wakeup: int = 1,
         ring_pages: int = RING_DATA_PAGES,
+        bpf: BpfFilter | None = None,
     ) -> None:
         """Open (arm) the event. ``wakeup``: NOTIFY samples per poll wake-up.
 
         ``ring_pages``: NOTIFY ring data pages wanted (a power of two); when the kernel
         refuses that much locked memory the ring is halved down to :data:`RING_DATA_PAGES`
         (``self.ring_pages`` says what it got).
+
+        ``bpf``: a filter program attached before the event is enabled (the event is opened
+        disabled, so no hit escapes the program); its counters then hold the true hits of
+        each condition while :meth:`read_count` still counts every hit. The event owns it
+        from here on: it is closed with the event, or at once if the open fails.
 
         ``wakeup = 1`` wakes the poller at every sample; the daemon still drains in batches,
         since everything that accumulated while it was busy is read at once. A larger value
@@ -954,7 +975,9 @@ class BreakpointEvent:
         self._presumed = 0  # losses settle() reported that no LOST record has matched yet
         self._settle_count = -1
         what = f"set a {length}-byte {access.value} breakpoint at {addr:#x} on thread {tid}"
-        attr = _perf_attr(addr, length, access, mode, sig_data, max(1, wakeup))
+        attr = _perf_attr(addr, length, access, mode, sig_data, max(1, wakeup), bpf is not None)
+        if bpf is not None:
+            struct.pack_into("Q", attr, 40, struct.unpack_from("Q", attr, 40)[0] | _ATTR_DISABLED)
         fd = _syscall(
             ctypes.c_long(SYS_perf_event_open),
             attr,
@@ -966,8 +989,11 @@ class BreakpointEvent:
         if fd < 0:
             code = ctypes.get_errno()
             err = OSError(code, os.strerror(code))
+            if bpf is not None:
+                bpf.close()
             raise _translate_errno(err, what, who=("thread", tid)) from err
         self.fd: int = fd
+        self.bpf = bpf
         if mode is Mode.NOTIFY:
             pages = max(RING_DATA_PAGES, ring_pages)
             while True:
@@ -978,11 +1004,20 @@ class BreakpointEvent:
                     if err.errno in (errno.EPERM, errno.ENOMEM) and pages > RING_DATA_PAGES:
                         pages //= 2
                         continue
-                    os.close(fd)
+                    self.close()
                     raise _translate_errno(
                         err, f"{what} (its sample ring could not be mapped)"
                     ) from err
             self.ring_pages = pages
+        if bpf is not None:
+            try:
+                fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, bpf.prog_fd)
+                fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+            except OSError as err:
+                self.close()
+                raise _translate_errno(
+                    err, f"{what} (its condition program could not be attached)"
+                ) from err
 
     def fileno(self) -> int:
         return self.fd
@@ -993,7 +1028,7 @@ class BreakpointEvent:
         data = os.read(self.fd, 8)
         return int.from_bytes(data, "little")
 
-    def drain(self) -> tuple[list[tuple[int, int, int]], int]:
+    def drain(self) -> tuple[list[tuple[int, ...]], int]:
         """NOTIFY only: take every sample out of the ring.
 
         Returns ``([(tid, ip, time_ns), ...], lost)`` where ``lost`` counts samples the
@@ -1011,7 +1046,7 @@ class BreakpointEvent:
         # "rmb() after reading data_head" is a compiler barrier there).
         head, tail = struct.unpack_from("QQ", ring, 1024)
         size = self.ring_pages * PAGE_SIZE
-        samples: list[tuple[int, int, int]] = []
+        samples: list[tuple[int, ...]] = []
         lost = 0
         while tail < head:
             off = PAGE_SIZE + tail % size
@@ -1070,16 +1105,231 @@ class BreakpointEvent:
         return missing
 
     def close(self) -> None:
-        """Disarm: unmap the ring and close the fd. Idempotent."""
+        """Disarm: unmap the ring, close the fd and the filter. Idempotent."""
         if self._ring is not None:
             self._ring.close()
             self._ring = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.bpf is not None:
+            self.bpf.close()
 
     def __repr__(self) -> str:
         return (
             f"<BreakpointEvent fd={self.fd} tid={self.tid} {self.addr:#x}/{self.length}"
             f"/{self.access.value} {self.mode.wire}>"
         )
+
+
+# --- BPF filters on breakpoint events --------------------------------------------------------
+#
+# The program is generated by hwbkptd/_bpf.py (pure); here it is loaded (bpf(2)
+# BPF_PROG_LOAD, type BPF_PROG_TYPE_PERF_EVENT) with its map (BPF_MAP_CREATE, one
+# BPF_MAP_TYPE_ARRAY entry) and attached to an event (PERF_EVENT_IOC_SET_BPF, in
+# BreakpointEvent). Offsets of union bpf_attr are those of include/uapi/linux/bpf.h.
+
+SYS_bpf: Final = 321  # x86-64
+BPF_MAP_CREATE: Final = 0
+BPF_MAP_LOOKUP_ELEM: Final = 1
+BPF_MAP_UPDATE_ELEM: Final = 2
+BPF_PROG_LOAD: Final = 5
+BPF_MAP_TYPE_ARRAY: Final = 2
+BPF_MAP_TYPE_RINGBUF: Final = 27
+# The ring of hit records of a filtered notify slot (Documentation/bpf/ringbuf.rst): a power
+# of two of pages; 256 KiB hold 4681 records of 48 bytes plus their 8-byte headers.
+BPF_RING_BYTES: Final = 1 << 18
+_RINGBUF_BUSY: Final = 1 << 31
+_RINGBUF_DISCARD: Final = 1 << 30
+_HIT_CHUNK: Final = struct.Struct(f"II{RECORD_SIZE // 8}Q")  # header + one hit record
+BPF_PROG_TYPE_PERF_EVENT: Final = 7
+PERF_EVENT_IOC_ENABLE: Final = 0x2400  # _IO('$', 0)
+PERF_EVENT_IOC_SET_BPF: Final = 0x40042408  # _IOW('$', 8, __u32)
+_BPF_ATTR_SIZE: Final = 128
+# bpf_probe_read_user is a GPL-only helper (kernel/trace/bpf_trace.c): the program must say
+# its license is GPL-compatible or the verifier refuses the call.
+_LICENSE: Final = ctypes.create_string_buffer(b"GPL")
+_VERIFIER_LOG_SIZE: Final = 1 << 16
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+    result: int = _syscall(
+        ctypes.c_long(SYS_bpf), ctypes.c_int(cmd), attr, ctypes.c_uint(_BPF_ATTR_SIZE)
+    )
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+class BpfFilter:
+    """A loaded condition program and its map; attach it with ``BreakpointEvent(bpf=...)``.
+
+    One per breakpoint event (the map's counters are that event's), which then owns it.
+    """
+
+    def __init__(self, program: Program, init: Mapping[int, int]) -> None:
+        """Create the map (and the record ring if the program writes records), store
+        ``init`` (word index → value), load the program.
+
+        Raises PermissionDeniedError (BPF not permitted: no CAP_BPF/CAP_PERFMON, lockdown),
+        InvalidArgumentError (the verifier refused the program: its log is in the message),
+        InternalError (no BPF in this kernel).
+        """
+        self.value_size = program.value_size
+        self.map_fd = -1
+        self.prog_fd = -1
+        self.ring_fd = -1
+        self.dropped_seen = 0  # records lost for want of room, as last reported
+        self._consumer: mmap.mmap | None = None
+        self._producer: mmap.mmap | None = None
+        try:
+            if program.ring_fd_at:
+                self._create_ring()
+            self._create_map()
+            words = [0] * (self.value_size // 8)
+            for index, value in init.items():
+                words[index] = value & _U64
+            self.write(words)
+            self._load(program)
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_map(self) -> None:
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        struct.pack_into("IIII", attr, 0, BPF_MAP_TYPE_ARRAY, 4, self.value_size, 1)
+        struct.pack_into("16s", attr, 28, b"hwbkpt_cond")
+        try:
+            self.map_fd = _bpf(BPF_MAP_CREATE, attr, "bpf(MAP_CREATE)")
+        except OSError as err:
+            raise _translate_errno(err, "bpf(MAP_CREATE) for a condition") from err
+
+    def _create_ring(self) -> None:
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        struct.pack_into("IIII", attr, 0, BPF_MAP_TYPE_RINGBUF, 0, 0, BPF_RING_BYTES)
+        struct.pack_into("16s", attr, 28, b"hwbkpt_hits")
+        try:
+            self.ring_fd = _bpf(BPF_MAP_CREATE, attr, "bpf(MAP_CREATE)")
+            # The consumer page is ours to write; the producer page and the data (mapped
+            # twice in a row, so a record that wraps reads contiguously) are read-only.
+            self._consumer = mmap.mmap(self.ring_fd, PAGE_SIZE)
+            self._producer = mmap.mmap(
+                self.ring_fd,
+                PAGE_SIZE + 2 * BPF_RING_BYTES,
+                prot=mmap.PROT_READ,
+                offset=PAGE_SIZE,
+            )
+        except OSError as err:
+            raise _translate_errno(err, "bpf(MAP_CREATE) of a hit ring") from err
+
+    def hit_records(self) -> list[tuple[int, ...]]:
+        """Take every committed hit record out of the ring, oldest first, as the six u64
+        words of hwbkptd/_bpf.py's RECORD_FIELDS.
+
+        Every record the program writes has the same size, and the data pages are mapped
+        twice in a row, so the committed ones are one contiguous run of fixed-size chunks
+        (8-byte header, then the record): one ``iter_unpack`` instead of a slice each.
+        """
+        consumer, producer = self._consumer, self._producer
+        if consumer is None or producer is None:
+            return []
+        cons = struct.unpack_from("Q", consumer, 0)[0]
+        prod = struct.unpack_from("Q", producer, 0)[0]
+        if cons >= prod:
+            return []
+        off = PAGE_SIZE + (cons & (BPF_RING_BYTES - 1))
+        chunk = _HIT_CHUNK.size
+        out: list[tuple[int, ...]] = []
+        for header, _pg_off, *words in _HIT_CHUNK.iter_unpack(producer[off : off + prod - cons]):
+            if header & _RINGBUF_BUSY or header & ~_RINGBUF_DISCARD != RECORD_SIZE:
+                break  # still being written (or not a hit record): take it next time
+            cons += chunk
+            if not header & _RINGBUF_DISCARD:
+                out.append(tuple(words))
+        struct.pack_into("Q", consumer, 0, cons)
+        return out
+
+    def _load(self, program: Program) -> None:
+        code = program.encode(self.map_fd, self.ring_fd)
+        insns = ctypes.create_string_buffer(code, len(code))
+        log = ctypes.create_string_buffer(_VERIFIER_LOG_SIZE)
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        struct.pack_into(
+            "IIQQIIQ",
+            attr,
+            0,
+            BPF_PROG_TYPE_PERF_EVENT,
+            len(code) // 8,
+            ctypes.addressof(insns),
+            ctypes.addressof(_LICENSE),
+            0,
+            0,
+            0,
+        )
+        struct.pack_into("16s", attr, 48, b"hwbkpt_cond")
+        try:
+            self.prog_fd = _bpf(BPF_PROG_LOAD, attr, "bpf(PROG_LOAD)")
+            return
+        except OSError as err:
+            if err.errno != errno.EACCES and err.errno != errno.EINVAL:
+                raise _translate_errno(err, "bpf(PROG_LOAD) of a condition") from err
+        # Load again with the verifier's log, to say why (only on failure: logging is slow).
+        struct.pack_into("IIQ", attr, 24, 1, _VERIFIER_LOG_SIZE, ctypes.addressof(log))
+        try:
+            self.prog_fd = _bpf(BPF_PROG_LOAD, attr, "bpf(PROG_LOAD)")
+        except OSError as err:
+            text = log.value.decode(errors="replace").strip().splitlines()[-3:]
+            raise InvalidArgumentError(
+                f"the kernel's verifier refused a condition program ({os.strerror(err.errno or 0)}"
+                f"): {' | '.join(text)}"
+            ) from err
+
+    def _elem(self, cmd: int, buf: ctypes.Array[ctypes.c_char], what: str) -> None:
+        key = ctypes.c_uint32(0)
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        struct.pack_into("IIQQQ", attr, 0, self.map_fd, 0, ctypes.addressof(key),
+                         ctypes.addressof(buf), 0)  # fmt: skip
+        try:
+            _bpf(cmd, attr, what)
+        except OSError as err:
+            raise _translate_errno(err, what) from err
+
+    def words(self) -> tuple[int, ...]:
+        """The map's value now, as u64 words (layout: hwbkptd/_bpf.py)."""
+        buf = ctypes.create_string_buffer(self.value_size)
+        self._elem(BPF_MAP_LOOKUP_ELEM, buf, "bpf(MAP_LOOKUP_ELEM)")
+        return struct.unpack(f"{self.value_size // 8}Q", buf.raw)
+
+    def write(self, words: list[int]) -> None:
+        """Replace the map's value (``value_size // 8`` words)."""
+        buf = ctypes.create_string_buffer(struct.pack(f"{len(words)}Q", *words), self.value_size)
+        self._elem(BPF_MAP_UPDATE_ELEM, buf, "bpf(MAP_UPDATE_ELEM)")
+
+    def close(self) -> None:
+        """Close the program and map fds (the kernel frees them with the last user). Idempotent."""
+        for ring in (self._consumer, self._producer):
+            if ring is not None:
+                ring.close()
+        self._consumer = self._producer = None
+        for name in ("prog_fd", "map_fd", "ring_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+def bpf_available() -> str | None:
+    """Why condition programs cannot be used here, or ``None`` if they can.
+
+    Loads the smallest program the daemon generates (an unconditional filter) and attaches
+    it to nothing: enough to learn whether bpf(2) exists and is permitted (lockdown,
+    CAP_BPF/CAP_PERFMON, kernel.unprivileged_bpf_disabled) and the helpers are there.
+    """
+    from hwbkptd._bpf import generate  # pure; imported here to keep the probe self-contained
+
+    try:
+        BpfFilter(generate(0x1000, 8, (), True), {}).close()
+    except HwbkptError as err:
+        return err.message
+    return None

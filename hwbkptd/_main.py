@@ -97,6 +97,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     # Hidden: park each held thread in an interrupt stop before reporting it (see
     # _engine.py). Measured to buy nothing on 6.x kernels; kept to measure it again.
     parser.add_argument("--park", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-bpf",
+        action="store_true",
+        help="evaluate watch conditions at a ptrace stop of every hit instead of in the kernel "
+        "with BPF (slower; what the daemon does anyway where BPF is not available)",
+    )
     parser.add_argument("--version", action="version", version=f"hwbkptd {__version__}")
     args = parser.parse_args(argv)
     return Config(
@@ -109,6 +115,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         park=args.park,
         notify_ring_kib=args.notify_ring,
         notify_ring_budget_mib=args.notify_ring_budget,
+        bpf=not args.no_bpf,
     )
 
 

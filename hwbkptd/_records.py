@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from hwbkptd._bpf import HITS_BASE, WORD_LAST_NEW, WORD_LAST_OLD
+from hwbkptd._cond import Condition
 from hwbkptd._model import Mode, Spec
 
 __all__ = [
@@ -19,6 +21,9 @@ __all__ = [
     "EVENT_EXEC",
     "EVENT_EXIT",
     "EVENT_STOP",
+    "FILTER_HITS",
+    "FILTER_LAST_NEW",
+    "FILTER_LAST_OLD",
     "SIGTRAP",
     "SIGTRAP_BIT",
     "TOKEN_MAGIC",
@@ -29,6 +34,7 @@ __all__ = [
     "TRAP_TRACE",
     "ClientRec",
     "Emit",
+    "Filter",
     "Port",
     "SigInfo",
     "SlotRec",
@@ -67,16 +73,45 @@ class SigInfo(NamedTuple):
     addr: int = 0  # si_addr: for TRAP_BRKPT, the address after the trapping instruction
 
 
+# Words of a filter's state (Port.read_filter), as hwbkptd/_bpf.py lays out its map.
+FILTER_LAST_NEW = WORD_LAST_NEW
+FILTER_LAST_OLD = WORD_LAST_OLD
+FILTER_HITS = HITS_BASE  # true hits of condition i at FILTER_HITS + i
+
+
+class Filter(NamedTuple):
+    """What a slot's event is to let through: the conditions of its watches.
+
+    ``conditions`` in counter order; ``always``: deliver every hit anyway (an unconditional
+    stop watch shares the slot); ``hits``: each condition's true hits so far on this thread
+    (``hits`` in a condition goes on across a reopen); ``deliver[i]``: condition *i* true
+    delivers the hit (a stop watch); ``notify``: the conditions of notify watches, whose
+    true hits become hit records (``mask`` bit *k* for ``notify[k]``); ``notify_all``: every
+    hit becomes a record (an unconditional notify watch shares the slot). Hit records come
+    out of :meth:`Port.drain` as ``(tid, ip, time, new, old, mask)``.
+    """
+
+    conditions: tuple[Condition, ...]
+    always: bool
+    hits: tuple[int, ...]
+    deliver: tuple[bool, ...] = ()
+    notify: tuple[int, ...] = ()
+    notify_all: bool = False
+
+
 class Port(Protocol):
     """The kernel operations the engine uses (all errors are hwbkpt_proto errors)."""
 
     def seize(self, tid: int) -> None: ...
     def threads_of(self, pid: int) -> list[int]: ...
     def tgid_of(self, tid: int) -> int: ...
-    def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object: ...
+    def open_slot(
+        self, tid: int, spec: Spec, mode: Mode, token: int, flt: Filter | None = None
+    ) -> object: ...
     def close_slot(self, handle: object) -> None: ...
     def read_count(self, handle: object) -> int: ...
-    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]: ...
+    def read_filter(self, handle: object) -> tuple[int, ...]: ...
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, ...]], int, int]: ...
     def siginfo(self, tid: int) -> SigInfo: ...
     def eventmsg(self, tid: int) -> int: ...
     def cont(self, tid: int, sig: int) -> None: ...
@@ -126,6 +161,9 @@ class WatchRec:
     ended: str | None = None
     exit_code: int | None = None
     exit_signal: int | None = None
+    condition: Condition | None = None
+    path: str | None = None  # where its condition is evaluated: "bpf" or "ptrace"
+    cond_hits: dict[int, int] = field(default_factory=dict)  # per thread: true hits
 
     def applies_to(self, tid: int) -> bool:
         return self.tid is None or self.tid == tid
@@ -161,6 +199,8 @@ class WatchRec:
             "count": self.count,
             "exact": self.exact,
             "ended": self.end_info(),
+            "condition": self.condition.text if self.condition is not None else None,
+            "path": self.path,
         }
 
 
@@ -172,8 +212,15 @@ class SlotRec:
     handle: object
     mode: Mode
     token: int
+    tid: int = 0
     last: int = 0
     watches: list[WatchRec] = field(default_factory=list)
+    # A filtered slot: its conditional watches in counter order, whether every hit is
+    # delivered anyway, and the counters as last read (Port.read_filter).
+    filtered: tuple[WatchRec, ...] = ()
+    flags: tuple[bool, bool] = (False, False)  # Filter.always, Filter.notify_all
+    cond_last: list[int] = field(default_factory=list)
+    values: tuple[int, int] | None = None  # (new, old) of the last hit the filter saw
 
 
 @dataclass(eq=False, slots=True)

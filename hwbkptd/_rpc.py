@@ -26,6 +26,8 @@ from hwbkpt_proto import (
 )
 from hwbkptd import _kernel
 from hwbkptd._auth import Peer, authorize
+from hwbkptd._cond import Condition
+from hwbkptd._cond import parse as parse_condition
 from hwbkptd._config import Config
 from hwbkptd._engine import Engine, WatchRec
 from hwbkptd._kernel import PAGE_SIZE
@@ -89,6 +91,12 @@ class Params:
             )
         return str(value)
 
+    def opt_str(self, name: str) -> str | None:
+        value = self._get(name, None)
+        if value is not None and not isinstance(value, str):
+            raise InvalidArgumentError(f"{self.method}: {name} must be a string or nil")
+        return value
+
     def binary(self, name: str) -> bytes:
         value = self._get(name, _MISSING)
         if not isinstance(value, bytes):
@@ -144,10 +152,22 @@ class EngineBackend:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.port = KernelPort(config.notify_ring_kib, config.notify_ring_budget_mib)
+        # Where conditions are evaluated: in the kernel (BPF) or at a ptrace stop (why not).
+        self.no_bpf = "switched off (hwbkptd --no-bpf)" if not config.bpf else None
+        if self.no_bpf is None:
+            self.no_bpf = _kernel.bpf_available()
+            if self.no_bpf is not None:
+                log.warning("conditions are evaluated at ptrace stops: %s", self.no_bpf)
+        self.port = KernelPort(
+            config.notify_ring_kib, config.notify_ring_budget_mib, bpf=self.no_bpf is None
+        )
         self.platform = {"int1": _int1_kind()}
         self.engine = Engine(
-            self.port, self._emit, park=config.park, int1_faults=self.platform["int1"] == "fault"
+            self.port,
+            self._emit,
+            park=config.park,
+            int1_faults=self.platform["int1"] == "fault",
+            bpf=self.no_bpf is None,
         )
         self.tracer = Tracer(self.engine, self.port, batch=self._batch)
         self.rawdr = RawDebugRegisters(self.engine)
@@ -206,6 +226,7 @@ class EngineBackend:
     def status(self) -> dict[str, Any]:
         return {
             "targets": self.engine.status(),
+            "conditions": "bpf" if self.no_bpf is None else f"ptrace: {self.no_bpf}",
             "counters": dict(self.engine.counters)
             | {"sigchld_wakeups": self.tracer.wakeups, "hot_rounds": self.tracer.hot_rounds},
             "platform": self.platform
@@ -301,11 +322,27 @@ class EngineBackend:
         length = p.integer("length", 8, lo=1, hi=8)
         tid = p.opt_int("tid", lo=1, hi=(1 << 31) - 1)
         spec, mode, priority = self._spec(p, addr, length)
+        condition = self._condition(p, spec, mode)
         p.done()
         self._authorize(client, pid)
         self._check_limit(client, 1)
-        watch = self.engine.watch(client.id, pid, spec, mode, tid=tid, priority=priority)
+        watch = self.engine.watch(
+            client.id, pid, spec, mode, tid=tid, priority=priority, condition=condition
+        )
         return self._reply(watch)
+
+    @staticmethod
+    def _condition(p: Params, spec: Spec, mode: Mode) -> Condition | None:
+        """The ``condition`` parameter, parsed for this piece's length (or ``None``)."""
+        text = p.opt_str("condition")
+        if text is None:
+            return None
+        if spec.access is Access.EXECUTE:
+            raise InvalidArgumentError(
+                f"{p.method}: a condition needs a data watch (access w or rw): an execute "
+                "breakpoint has no value"
+            )
+        return parse_condition(text, spec.length)
 
     def _watch_region(self, client: ClientHandle, p: Params) -> dict[str, Any]:
         pid = p.integer("pid", lo=1, hi=(1 << 31) - 1)
@@ -314,14 +351,17 @@ class EngineBackend:
         tid = p.opt_int("tid", lo=1, hi=(1 << 31) - 1)
         pieces = split_region(addr, size)
         specs = [self._spec(p, a, n) for a, n in pieces]
+        conditions = [self._condition(p, spec, mode) for spec, mode, _ in specs]
         p.done()
         self._authorize(client, pid)
         self._check_limit(client, len(pieces))
         made: list[WatchRec] = []
         try:
-            for spec, mode, priority in specs:
+            for (spec, mode, priority), condition in zip(specs, conditions, strict=True):
                 made.append(
-                    self.engine.watch(client.id, pid, spec, mode, tid=tid, priority=priority)
+                    self.engine.watch(
+                        client.id, pid, spec, mode, tid=tid, priority=priority, condition=condition
+                    )
                 )
             if any(w.state != "installed" for w in made):
                 raise NoSpaceError(

@@ -86,6 +86,7 @@ class StopHandling:
     _emit: Emit
     _park: bool
     _int1_faults: bool
+    _bpf: bool
     _clock: Callable[[], int]
     _clients: dict[int, ClientRec]
     targets: dict[int, TargetRec]
@@ -112,7 +113,7 @@ class StopHandling:
         ) -> None: ...
         def _reconcile_target(self, target: TargetRec) -> None: ...
         def _close_slot(self, thread: ThreadRec, spec: Spec) -> None: ...
-        def _refresh(self, slot: SlotRec) -> int: ...
+        def _refresh(self, slot: SlotRec) -> list[WatchRec]: ...
         def _add_thread(self, target: TargetRec, tid: int, state: ThreadState) -> ThreadRec: ...
         def _ensure_target(self, pid: int) -> TargetRec: ...
 
@@ -316,9 +317,12 @@ class StopHandling:
             thread.stepping.clear()
             thread.step_in_flight = False
         hit: set[Spec] = set()
+        credited: dict[Spec, list[WatchRec]] = {}  # per slot: the watches that matched
         for spec, slot in thread.slots.items():
-            if self._refresh(slot):
+            advanced = self._refresh(slot)
+            if advanced:
                 hit.add(spec)
+                credited[spec] = advanced
         claimed = ours or step_done
         # A hit without DR6 that the kernel neither counted nor sampled: credited here.
         uncounted: Spec | None = None
@@ -327,7 +331,8 @@ class StopHandling:
             if claimed and len(thread.slots) == 1:
                 (uncounted,) = thread.slots
                 hit.add(uncounted)
-                for watch in thread.slots[uncounted].watches:
+                credited[uncounted] = list(thread.slots[uncounted].watches)
+                for watch in credited[uncounted]:
                     watch.count += 1
         thread.resume_sig = 0 if claimed else SIGTRAP
         if not claimed:
@@ -345,16 +350,24 @@ class StopHandling:
         notifies: dict[int, list[int]] = defaultdict(list)
         for spec in hit:
             slot = thread.slots[spec]
-            for watch in slot.watches:
+            for watch in credited[spec]:
                 if watch.mode is Mode.STOP:
                     stops[watch.client].append(watch.id)
-                elif watch.mode is Mode.NOTIFY and (slot.mode is Mode.STOP or spec == uncounted):
+                elif (
+                    watch.mode is Mode.NOTIFY
+                    and (slot.mode is Mode.STOP or spec == uncounted)
+                    and not (self._bpf and slot.filtered)  # its filter writes hit records
+                ):
                     notifies[watch.client].append(watch.id)
         for cid in stepped:
             stops.setdefault(cid, [])
         interrupted = self._take_interrupts(thread)
         for cid in interrupted:
             stops.setdefault(cid, [])
+        # A filtered slot read the watched bytes at the hit: stop and hit events carry them,
+        # when one such slot was hit (two at once would leave "new" ambiguous).
+        values = [v for s in hit if thread.slots[s].filtered and (v := thread.slots[s].values)]
+        extra = {"new": values[0][0], "old": values[0][1]} if len(values) == 1 else {}
         if hit:
             self.counters["traps"] += 1
         # Registers are read once per trap, for notify hits and every stop event alike.
@@ -365,7 +378,10 @@ class StopHandling:
             self.counters["hits_notified"] += 1
             for cid, wids in notifies.items():
                 self._emit(
-                    cid, "hit", {"watches": wids, "tid": thread.tid, "ip": ip, "time": now}, True
+                    cid,
+                    "hit",
+                    {"watches": wids, "tid": thread.tid, "ip": ip, "time": now, **extra},
+                    True,
                 )
         dr6 = self.on_trap_hook(thread, hit, stepped) if self.on_trap_hook is not None else {}
         if not stops:
@@ -387,6 +403,7 @@ class StopHandling:
                         "watches": wids,
                         "reason": reasons[cid],
                         **({"dr6": dr6[cid]} if cid in dr6 else {}),
+                        **(extra if wids else {}),
                     },
                 )
                 for cid, wids in stops.items()
@@ -398,7 +415,7 @@ class StopHandling:
             return
         for reason in set(reasons.values()):
             group = {cid: wids for cid, wids in stops.items() if reasons[cid] == reason}
-            self._send_stop(thread, group, reason=reason, dr6=dr6, regs=regs)
+            self._send_stop(thread, group, reason=reason, dr6=dr6, regs=regs, extra=extra)
 
     def _send_stop(
         self,
@@ -408,6 +425,7 @@ class StopHandling:
         reason: str,
         dr6: Mapping[int, int] | None = None,
         regs: dict[str, int] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         if regs is None:
             regs = self._port.getregs(thread.tid)
@@ -422,6 +440,8 @@ class StopHandling:
             }
             if dr6 and cid in dr6:
                 fields["dr6"] = dr6[cid]
+            if extra and wids:
+                fields.update(extra)
             self._emit(cid, "stop", fields, False)
 
     def _event_stop(self, thread: ThreadRec) -> None:

@@ -47,8 +47,10 @@ import trio
 
 from hwbkpt_proto import BusyError, HwbkptError, NoSuchProcessError, PermissionDeniedError
 from hwbkptd import _kernel
+from hwbkptd._bpf import WORD_DROPPED, WORD_OLD, Emulator, generate
 from hwbkptd._engine import Engine, SigInfo
 from hwbkptd._model import Mode, Spec
+from hwbkptd._records import FILTER_HITS, Filter
 
 __all__ = ["KernelPort", "Tracer"]
 
@@ -92,9 +94,15 @@ class KernelPort:
         self,
         ring_kib: int = NOTIFY_RING_KIB,
         ring_budget_mib: int = NOTIFY_RING_BUDGET_MIB,
+        *,
+        bpf: bool = True,
     ) -> None:
         """``ring_kib``: the ring of each notify event; ``ring_budget_mib``: the rings of all
-        of them together. Past the budget new rings get the smallest size."""
+        of them together. Past the budget new rings get the smallest size. ``bpf``: filters
+        are BPF programs in the kernel; else :class:`Emulator` runs them here, at the stop of
+        every hit (the engine opens such slots in stop mode)."""
+        self.bpf = bpf
+        self.emulators: dict[int, tuple[Emulator, int]] = {}  # fd -> (filter, hits seen)
         self.epoll = select.epoll()
         self.notify: dict[int, _kernel.BreakpointEvent] = {}  # fd -> event
         self.tokens: dict[int, int] = {}  # fd -> token
@@ -128,7 +136,31 @@ class KernelPort:
     def tgid_of(self, tid: int) -> int:
         return _kernel.tgid_of(tid)
 
-    def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object:
+    def open_slot(
+        self, tid: int, spec: Spec, mode: Mode, token: int, flt: Filter | None = None
+    ) -> object:
+        bpf = None
+        if flt is not None:
+            # "old" of the first hit is the value now (the watched bytes as installed).
+            try:
+                old = int.from_bytes(_kernel.read_memory(tid, spec.addr, spec.length), "little")
+            except HwbkptError:
+                old = 0
+            init = {WORD_OLD: old, **{FILTER_HITS + i: n for i, n in enumerate(flt.hits)}}
+            if self.bpf:
+                program = generate(
+                    spec.addr,
+                    spec.length,
+                    flt.conditions,
+                    flt.always,
+                    deliver=flt.deliver,
+                    notify=flt.notify,
+                    notify_all=flt.notify_all,
+                )
+                bpf = _kernel.BpfFilter(program, init)
+        # A filter with notify watches writes its own hit records (with the values) to a BPF
+        # ring; the event then needs no perf ring of its own: it only has to run the program.
+        records = bpf is not None and bpf.ring_fd >= 0
         pages = self.ring_pages
         while pages > _kernel.RING_DATA_PAGES and self.ring_pages_used + pages > (
             self.ring_budget_pages
@@ -139,11 +171,19 @@ class KernelPort:
             spec.addr,
             spec.length,
             spec.access,
-            mode,
+            Mode.COUNT if records and mode is Mode.NOTIFY else mode,
             token,
             wakeup=NOTIFY_WAKEUP,
             ring_pages=pages,
+            bpf=bpf,
         )
+        if flt is not None and bpf is None:
+            self.emulators[event.fd] = (Emulator(flt.conditions, init), 0)
+        if bpf is not None and records:
+            self.notify[bpf.ring_fd] = event
+            self.tokens[bpf.ring_fd] = token
+            self.epoll.register(bpf.ring_fd, select.EPOLLIN)
+            return event
         if mode is Mode.NOTIFY:
             self.ring_pages_used += event.ring_pages
             self.notify[event.fd] = event
@@ -153,6 +193,11 @@ class KernelPort:
 
     def close_slot(self, handle: object) -> None:
         assert isinstance(handle, _kernel.BreakpointEvent)
+        self.emulators.pop(handle.fd, None)
+        if handle.bpf is not None and handle.bpf.ring_fd in self.notify:
+            self.epoll.unregister(handle.bpf.ring_fd)
+            del self.notify[handle.bpf.ring_fd]
+            del self.tokens[handle.bpf.ring_fd]
         if handle.fd in self.notify:
             self.ring_pages_used -= handle.ring_pages
             self.epoll.unregister(handle.fd)
@@ -164,8 +209,31 @@ class KernelPort:
         assert isinstance(handle, _kernel.BreakpointEvent)
         return handle.read_count()
 
-    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]:
+    def read_filter(self, handle: object) -> tuple[int, ...]:
         assert isinstance(handle, _kernel.BreakpointEvent)
+        if handle.bpf is not None:
+            return handle.bpf.words()
+        # The ptrace fallback: the thread is at the stop of its hit (a stop-mode event traps
+        # at every hit, before the next instruction), so the watched bytes are the hit's.
+        emulator, seen = self.emulators[handle.fd]
+        count = handle.read_count()
+        if count > seen:
+            data = _kernel.read_memory(handle.tid, handle.addr, handle.length)
+            for _ in range(count - seen):
+                emulator.run(int.from_bytes(data, "little"), handle.tid)
+            self.emulators[handle.fd] = (emulator, count)
+        return tuple(emulator.words)
+
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, ...]], int, int]:
+        assert isinstance(handle, _kernel.BreakpointEvent)
+        bpf = handle.bpf
+        if bpf is not None and bpf.ring_fd >= 0:
+            # Hit records of the filter: (tid, ip, time, new, old, mask); records the ring
+            # had no room for are counted by the program.
+            records = bpf.hit_records()
+            dropped = bpf.words()[WORD_DROPPED]
+            lost, bpf.dropped_seen = dropped - bpf.dropped_seen, dropped
+            return records, lost, 0
         throttled = handle.throttled
         samples, lost = handle.drain()
         if final:
@@ -174,8 +242,11 @@ class KernelPort:
         return samples, lost, handle.throttled - throttled
 
     def settle(self, handle: object) -> int:
-        """Losses of a quiet notify event that no LOST record reports yet (``settle``)."""
+        """Losses of a quiet notify event that no LOST record reports yet (``settle``).
+        A filter's records come from its BPF ring, whose losses the program counts."""
         assert isinstance(handle, _kernel.BreakpointEvent)
+        if handle.bpf is not None and handle.bpf.ring_fd >= 0:
+            return 0
         return handle.settle()
 
     def siginfo(self, tid: int) -> SigInfo:

@@ -57,9 +57,18 @@ from hwbkpt_proto import (
     PermissionDeniedError,
 )
 from hwbkptd._alloc import CAPACITY
+from hwbkptd._bpf import HITS_BASE, Emulator
 from hwbkptd._engine import Engine
 from hwbkptd._model import Access, Mode, Spec
-from hwbkptd._records import EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_STOP, TRAP_PERF, SigInfo
+from hwbkptd._records import (
+    EVENT_CLONE,
+    EVENT_EXEC,
+    EVENT_EXIT,
+    EVENT_STOP,
+    TRAP_PERF,
+    Filter,
+    SigInfo,
+)
 
 __all__ = [
     "SIGSTOP",
@@ -97,10 +106,31 @@ class FakeEvent:
     token: int
     count: int = 0
     closed: bool = False
-    samples: list[tuple[int, int, int]] = field(
+    samples: list[tuple[int, ...]] = field(
         default_factory=list
     )  # notify ring: (tid, ip, time)
     lost: int = 0
+    flt: Filter | None = None
+    # The filter program's map, as hwbkptd/_bpf.py lays it out (evaluated here in Python).
+    words: list[int] = field(default_factory=list)
+
+    def passes(self, tid: int, value: int, ip: int) -> bool:
+        """Run the filter for one hit that left ``value`` in the watched bytes: count its
+        conditions, write its hit record (notify), say whether the hit is delivered."""
+        if self.flt is None:
+            return True
+        flt = self.flt
+        emulator = Emulator(flt.conditions, {})
+        emulator.words = self.words
+        new = value & ((1 << (8 * self.spec.length)) - 1)
+        old = self.words[0]
+        before = list(self.words)
+        emulator.run(new, tid)
+        held = [self.words[w] > before[w] for w in range(HITS_BASE, len(before))]
+        mask = sum(1 << k for k, i in enumerate(flt.notify) if held[i])
+        if mask or flt.notify_all:
+            self.samples.append((tid, ip, 42, new, old, mask))
+        return flt.always or any(h and d for h, d in zip(held, flt.deliver, strict=True))
 
     def matches(self, addr: int, size: int, kind: str) -> bool:
         if self.closed:
@@ -196,8 +226,19 @@ class FakeKernel:
             return "running"
         return "listening" if t.listening else t.stop.kind
 
-    def hit(self, tid: int, addr: int, size: int = 1, kind: str = "w", *, now: bool = True) -> bool:
+    def hit(
+        self,
+        tid: int,
+        addr: int,
+        size: int = 1,
+        kind: str = "w",
+        *,
+        now: bool = True,
+        value: int = 0,
+    ) -> bool:
         """Thread ``tid`` accesses ``size`` bytes at ``addr`` (``kind`` "r", "w" or "x").
+
+        ``value``: what the watched bytes hold after the access (for filtered events).
 
         Every matching open event counts one. Returns whether a stop-mode event was among
         them; then a SIGTRAP (TRAP_PERF, that event's token) is queued and — unless ``now``
@@ -210,7 +251,9 @@ class FakeKernel:
         for event in self.events:
             if event.tid == tid and event.matches(addr, size, kind):
                 event.count += 1
-                if event.mode is Mode.NOTIFY:
+                if not event.passes(tid, value, t.regs["rip"]):
+                    continue
+                if event.mode is Mode.NOTIFY and event.flt is None:
                     event.samples.append((tid, t.regs["rip"], 42))
                 if event.mode is Mode.STOP and stop_event is None:
                     stop_event = event
@@ -303,12 +346,16 @@ class FakeKernel:
     def tgid_of(self, tid: int) -> int:
         return self._live(tid).pid
 
-    def open_slot(self, tid: int, spec: Spec, mode: Mode, token: int) -> object:
+    def open_slot(
+        self, tid: int, spec: Spec, mode: Mode, token: int, flt: Filter | None = None
+    ) -> object:
         self._live(tid)
         if len(self.open_events(tid)) + self.external_slots.get(tid, 0) >= CAPACITY:
             self.refused.append((tid, spec))
             raise NoSpaceError(f"perf_event_open on {tid}: No space left on device")
-        event = FakeEvent(tid, spec, mode, token)
+        event = FakeEvent(tid, spec, mode, token, flt=flt)
+        if flt is not None:
+            event.words = [0] * HITS_BASE + list(flt.hits)
         self.events.append(event)
         self.calls.append(("open", tid, spec, mode))
         return event
@@ -321,7 +368,10 @@ class FakeKernel:
     def read_count(self, handle: object) -> int:
         return self._event(handle).count
 
-    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, int, int]], int, int]:
+    def read_filter(self, handle: object) -> tuple[int, ...]:
+        return tuple(self._event(handle).words)
+
+    def drain(self, handle: object, final: bool) -> tuple[list[tuple[int, ...]], int, int]:
         event = self._event(handle)
         samples, event.samples = event.samples, []
         lost, event.lost = event.lost, 0

@@ -75,5 +75,11 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
                 assert _daemon_ok(by["daemon"]), name
         else:
             assert _daemon_ok(sc["daemon"]), name
+    cond = data["scenarios"]["cond"]  # issue 12: every row measured (figures meaningless)
+    assert "failed" not in cond, cond.get("failed")
+    for key, row in cond["rows"].items():
+        if key == "gdb_false" and row.get("error") == "gdb is not installed":
+            continue
+        assert _is_figure(row.get("per_hit_ns")), (key, row)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "C reference" in res.stdout  # the table was printed

@@ -132,3 +132,54 @@ def test_watch_without_daemon_exit_2(tmp_path: Path, target: Start) -> None:
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_watch_if_stops_only_when_true_with_kernel_values(daemon: Daemon, target: Start) -> None:
+    """``--if`` defaults to stop mode; old/new come from the hit, not from a later read."""
+    writer = target("writer", 40, "gate2")
+    proc = _start_watch(
+        daemon, str(writer.pid), "var", "--if", "new & 7 == 0", "--duration", str(DURATION)
+    )
+    try:
+        _wait_for_slot(daemon, writer.pid)
+        writer.go()
+        assert writer.line().startswith("done var=40")
+    finally:
+        rc, out, err = _finish(proc)
+    assert rc == 0, err
+    lines = out.splitlines()
+    stops = [line for line in lines if " stop " in line]
+    assert [line.rsplit(" ", 2)[1:] for line in stops] == [
+        [f"old={v - 1:#x}", f"new={v:#x}"] for v in (8, 16, 24, 32, 40)
+    ], out
+    assert lines[-1] == "count: 5", out
+
+
+def test_watch_if_bad_condition_one_line_exit_1(daemon: Daemon, target: Start) -> None:
+    writer = target("writer", 1)
+    proc = _start_watch(daemon, str(writer.pid), "var", "--if", "new ==", "--duration", "1")
+    rc, out, err = _finish(proc)
+    assert rc == 1, err
+    assert out == ""
+    assert len(err.splitlines()) == 1, err
+    assert "column 7" in err
+    assert "Traceback" not in err
+
+
+def test_watch_if_notify_lines_show_values_from_the_hit(daemon: Daemon, target: Start) -> None:
+    writer = target("writer", 40, "gate2")
+    proc = _start_watch(
+        daemon, str(writer.pid), "var", "--mode", "notify", "--if", "new & 7 == 0",
+        "--duration", str(DURATION),
+    )  # fmt: skip
+    try:
+        _wait_for_slot(daemon, writer.pid)
+        writer.go()
+        assert writer.line().startswith("done var=40")
+    finally:
+        rc, out, err = _finish(proc)
+    assert rc == 0, err
+    hits = [line for line in out.splitlines() if " hit " in line]
+    assert [line.rsplit(" ", 2)[1:] for line in hits] == [
+        [f"old={v - 1:#x}", f"new={v:#x}"] for v in (8, 16, 24, 32, 40)
+    ], out

@@ -215,13 +215,18 @@ class Client:
         mode: str = "count",
         tid: int | None = None,
         priority: int = 0,
+        condition: str | None = None,
     ) -> Watch:
         """Watch ``length`` bytes at ``addr`` in process ``pid`` (every thread unless
         ``tid``) for ``access`` (``x``, ``w``, ``rw``) in ``mode`` (``count``, ``notify``,
-        ``stop``). A watch that gets no slot now is pending and installed when one frees."""
+        ``stop``). A watch that gets no slot now is pending and installed when one frees.
+
+        ``condition`` (e.g. ``"new == 1234"``, PROTOCOL.md "Conditions"): only hits for
+        which it is true count, notify or stop. Raises InvalidArgumentError (with the
+        column and what was expected) for one that does not parse."""
         spec: dict[str, Any] = {
             "pid": pid, "addr": addr, "length": length, "access": access, "mode": mode,
-            "tid": tid, "priority": priority,
+            "tid": tid, "priority": priority, "condition": condition,
         }
         result = self.call("watch", **watch_params(**spec))
         watch = Watch(self, result, **spec)
@@ -237,10 +242,11 @@ class Client:
         mode: str = "count",
         tid: int | None = None,
         priority: int = 0,
+        condition: str | None = None,
     ) -> list[Watch]:
         """Watch ``size`` bytes at ``addr`` with as many slots as it takes (gdb's split);
-        all pieces or none."""
-        params = watch_params(pid, addr, size, access, mode, tid, priority)
+        all pieces or none. A ``condition`` applies to each piece, on that piece's bytes."""
+        params = watch_params(pid, addr, size, access, mode, tid, priority, condition)
         params["size"] = params.pop("length")
         watches = []
         for result, piece_addr, piece_length in region_results(
@@ -248,7 +254,7 @@ class Client:
         ):
             spec = {"pid": pid, "addr": piece_addr if piece_addr is not None else addr,
                     "length": piece_length or size, "access": access, "mode": mode,
-                    "tid": tid, "priority": priority}
+                    "tid": tid, "priority": priority, "condition": condition}
             watch = Watch(self, result, **spec)
             self._session.track_watch(watch)
             watches.append(watch)

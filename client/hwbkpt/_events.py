@@ -80,6 +80,7 @@ class WatchInfo:
         mode: str,
         tid: int | None,
         priority: int,
+        condition: str | None = None,
     ) -> None:
         self.id: int = result["id"]
         self.state: str = result.get("state", "unknown")
@@ -96,6 +97,7 @@ class WatchInfo:
         self.mode = mode
         self.priority = priority
         self.ended: dict[str, Any] | None = result.get("ended")
+        self.condition = condition
 
     def _apply(self, event: Event) -> None:
         """Update the state from an event about this watch (called by the session)."""

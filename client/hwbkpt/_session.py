@@ -195,6 +195,18 @@ class Session:
             # low on both sides; delivered as one ``hit`` event each, in order.
             p = msg.params
             watches = p.get("watches")
+            if "new" in p:  # values read in the kernel at each hit (a watch with a condition)
+                self._events.extend(
+                    Event(
+                        "hit",
+                        {"watches": watches, "tid": t, "ip": ip, "time": w, "new": n, "old": o},
+                    )
+                    for t, ip, w, n, o in zip(
+                        p.get("tid", ()), p.get("ip", ()), p.get("time", ()),
+                        p.get("new", ()), p.get("old", ()), strict=False,
+                    )
+                )  # fmt: skip
+                return
             self._events.extend(
                 Event("hit", {"watches": watches, "tid": tid, "ip": ip, "time": when})
                 for tid, ip, when in zip(
@@ -293,6 +305,7 @@ def watch_params(
     mode: str,
     tid: int | None,
     priority: int,
+    condition: str | None = None,
 ) -> dict[str, Any]:
     """The params of ``watch`` (``tid=None`` means every thread of the process)."""
     params: dict[str, Any] = {
@@ -305,6 +318,8 @@ def watch_params(
     }
     if tid is not None:
         params["tid"] = tid
+    if condition is not None:
+        params["condition"] = condition
     return params
 
 

@@ -185,11 +185,12 @@ class AsyncClient:
         mode: str = "count",
         tid: int | None = None,
         priority: int = 0,
+        condition: str | None = None,
     ) -> AsyncWatch:
         """Watch ``length`` bytes at ``addr`` in ``pid``; see :meth:`hwbkpt.Client.watch`."""
         spec: dict[str, Any] = {
             "pid": pid, "addr": addr, "length": length, "access": access, "mode": mode,
-            "tid": tid, "priority": priority,
+            "tid": tid, "priority": priority, "condition": condition,
         }
         result = await self.call("watch", **watch_params(**spec))
         watch = AsyncWatch(self, result, **spec)
@@ -205,9 +206,10 @@ class AsyncClient:
         mode: str = "count",
         tid: int | None = None,
         priority: int = 0,
+        condition: str | None = None,
     ) -> list[AsyncWatch]:
         """Watch ``size`` bytes at ``addr``; see :meth:`hwbkpt.Client.watch_region`."""
-        params = watch_params(pid, addr, size, access, mode, tid, priority)
+        params = watch_params(pid, addr, size, access, mode, tid, priority, condition)
         params["size"] = params.pop("length")
         watches = []
         for result, piece_addr, piece_length in region_results(
@@ -215,7 +217,7 @@ class AsyncClient:
         ):
             spec = {"pid": pid, "addr": piece_addr if piece_addr is not None else addr,
                     "length": piece_length or size, "access": access, "mode": mode,
-                    "tid": tid, "priority": priority}
+                    "tid": tid, "priority": priority, "condition": condition}
             watch = AsyncWatch(self, result, **spec)
             self._session.track_watch(watch)
             watches.append(watch)

@@ -87,9 +87,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=("count", "notify", "stop"),
-        default="notify",
-        help="notify (default): print each hit; stop: stop the thread at each "
-        "hit, print old/new values, resume; count: print only the total",
+        default=None,
+        help="notify (default): print each hit (with old/new values when --if is given); "
+        "stop (default with --if): stop the thread at each hit, print old/new values, "
+        "resume; count: print only the total",
+    )
+    parser.add_argument(
+        "--if",
+        dest="condition",
+        default=None,
+        metavar="EXPR",
+        help="only hits for which EXPR is true, e.g. 'new == 1234', 'changed', "
+        "'signed(new) < 0 and tid == 812' (names: new old changed tid hits; evaluated in the "
+        "kernel where BPF is available; see PROTOCOL.md, Conditions)",
     )
     parser.add_argument("--tid", type=int, default=None, help="watch only this thread")
     parser.add_argument(
@@ -190,16 +200,20 @@ def run(client: Client, args: argparse.Namespace) -> int:
     access = args.access or ("x" if target.function else "w")
     length = args.length or (1 if access == "x" else (target.size or 8))
     printer = _Printer(args.pid, target, length, access, args.json)
-    show_values = args.mode == "stop" and access != "x" and length <= 8
+    mode = args.mode or ("stop" if args.condition is not None else "notify")
+    show_values = mode == "stop" and access != "x" and length <= 8
     before = _try_read(client, args.pid, target.addr, length) if show_values else None
     watches: list[Watch]
     if length in (1, 2, 4, 8) and target.addr % length == 0:
         watches = [
-            client.watch(args.pid, target.addr, length, access, args.mode, args.tid, args.priority)
-        ]
+            client.watch(
+                args.pid, target.addr, length, access, mode, args.tid, args.priority,
+                args.condition,
+            )
+        ]  # fmt: skip
     else:
         watches = client.watch_region(
-            args.pid, target.addr, length, access, args.mode, args.tid, args.priority
+            args.pid, target.addr, length, access, mode, args.tid, args.priority, args.condition
         )
         _warn(
             f"note: {length} bytes at {target.addr:#x} take {len(watches)} slots "
@@ -215,7 +229,7 @@ def run(client: Client, args: argparse.Namespace) -> int:
     if old is None:
         _warn(f"warning: Cannot access memory at address {target.addr:#x}; watching it anyway")
     ids = {w.id for w in watches}
-    folder = Folder() if args.mode == "notify" and len(watches) > 1 else None
+    folder = Folder() if mode == "notify" and len(watches) > 1 else None
     pending = [w for w in watches if w.state != "installed"]
     if pending and not args.json:
         print(
@@ -251,7 +265,12 @@ def run(client: Client, args: argparse.Namespace) -> int:
             if record is None:
                 continue
             if event.kind == "stop":
-                if show_values:
+                if event.get("new") is not None:
+                    # Read in the kernel at the hit (a watch with a condition): exact even
+                    # when hits in between were not reported.
+                    record["old"], record["new"] = event.get("old"), event.get("new")
+                    old, racing = record["new"], None
+                elif show_values:
                     new = _try_read(client, args.pid, target.addr, length)
                     if racing is not None and new == old:
                         old = racing
@@ -323,7 +342,7 @@ def _record(event: Event, ids: set[int], printer: _Printer) -> dict[str, Any] | 
         if event.kind == "hit" and isinstance(event.get("time"), int):
             wall = _wall_of(event.time)
         ip = event.ip if event.kind == "hit" else event.regs["rip"]
-        return {
+        record = {
             "event": event.kind,
             "wall": wall,
             "tid": event.tid,
@@ -332,6 +351,9 @@ def _record(event: Event, ids: set[int], printer: _Printer) -> dict[str, Any] | 
             **printer.what(),
             "watches": list(event.watches),
         }
+        if event.get("new") is not None:  # read in the kernel at the hit (--if)
+            record["old"], record["new"] = event.get("old"), event.get("new")
+        return record
     if event.kind == "lost":
         record = {"event": "lost", "wall": wall, "count": event.count}
         for name in ("where", "tid"):
