@@ -4,10 +4,11 @@ The daemon depends on a dozen kernel and CPU behaviours (HACKING.md lists them),
 differ between CPUs and hypervisors: a counted hit costs 5.7 µs on one machine of the
 project's kind and 18 µs on another; ``int1`` traps on one (``si_addr`` after the 0xF1 byte)
 and faults on another (``si_addr`` at it, so a program that merely returns from its SIGTRAP
-handler loops on it). Each probe here runs a small Python child process, traces it with the
-daemon's own kernel layer (:mod:`hwbkptd._kernel`) and reports what it saw as a
-:class:`Finding`: one line for ``hwbkpt selftest``, a value for the daemon (``int1``) and for
-the tests, which choose what to expect from the same probes.
+handler loops on it); BPF may be missing or locked down. Each probe here runs a small
+Python child process, traces it with the daemon's own kernel layer (:mod:`hwbkptd._kernel`)
+and reports what it saw as a :class:`Finding`: one line for ``hwbkpt selftest``, a value
+for the daemon (``int1``) and for the tests, which choose what to expect from the same
+probes.
 
 The child needs no compiler: it stores to a ``ctypes`` word in a loop (data breakpoints),
 calls libc's ``labs`` (execute breakpoints), and calls libc's ``abs`` after the probe has
@@ -36,6 +37,8 @@ from typing import Any
 
 from hwbkpt_proto import DebugRegisterIOError, HwbkptError
 from hwbkptd import _kernel
+from hwbkptd._bpf import HITS_BASE, generate
+from hwbkptd._cond import parse
 from hwbkptd._model import Access, Mode
 from hwbkptd._vdr import SIZEOF_KERNEL_USER
 
@@ -398,6 +401,52 @@ def probe_uprobes() -> Finding:
     )
 
 
+def probe_bpf() -> Finding:
+    """A condition program on a stop-mode breakpoint: only true hits stop the thread, the
+    event still counts every hit, the program counts the true ones."""
+    why = _kernel.bpf_available()
+    if why is not None:
+        return Finding(
+            "bpf",
+            True,
+            f"no condition programs: {why}",
+            "conditions are evaluated at a ptrace stop of every hit (same results, slower)",
+            None,
+        )
+    n, wanted = 100, 37
+    stops = 0
+    with _Child() as child:
+        addr = child.addrs["var"]
+        cond = parse(f"new == {wanted}", 8)
+        program = generate(addr, 8, [cond], False)
+        event = _kernel.BreakpointEvent(
+            child.pid, addr, 8, Access.WRITE, Mode.STOP, _TOKEN, bpf=_kernel.BpfFilter(program, {})
+        )
+
+        def on_stop(ev: _kernel.WaitEvent) -> int:
+            nonlocal stops
+            if isinstance(ev, _kernel.SignalStop) and ev.signal == signal.SIGTRAP:
+                stops += 1
+                return 0
+            return ev.signal if isinstance(ev, _kernel.SignalStop) else 0
+
+        try:
+            child.run("write", n, on_stop)
+            count = event.read_count()
+            assert event.bpf is not None
+            true_hits = event.bpf.words()[HITS_BASE]
+        finally:
+            event.close()
+    return Finding(
+        "bpf",
+        (stops, count, true_hits) == (1, n, 1),
+        f"condition 'new == {wanted}' over {n} writes: {stops} stop(s), event counter {count}, "
+        f"program counted {true_hits} true",
+        "conditions are BPF programs on the breakpoint events: a false hit costs a counted hit",
+        {"stops": stops, "count": count, "true": true_hits},
+    )
+
+
 PROBES: dict[str, Callable[[], Finding]] = {
     "breakpoints": probe_breakpoints,
     "sigtrap": probe_sigtrap,
@@ -406,6 +455,7 @@ PROBES: dict[str, Callable[[], Finding]] = {
     "notify ring": probe_notify_ring,
     "struct user": probe_struct_user,
     "uprobes": probe_uprobes,
+    "bpf": probe_bpf,
 }
 
 

@@ -300,7 +300,7 @@ def test_stop_mode_first_old_value_is_the_one_when_installed(
 ) -> None:
     args = argparse.Namespace(
         pid=os.getpid(), target="0x1000", length=8, access=None, mode="stop", tid=None,
-        priority=0, duration=0.2, json=True,
+        priority=0, duration=0.2, json=True, condition=None,
     )
     assert _watchcmd.run(_InstallRacingClient(caught), args) == 0  # type: ignore[arg-type]
     captured = capsys.readouterr()
