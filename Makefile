@@ -16,10 +16,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian tools the suite needs: a C compiler for the target programs and the reference
-# tracers, systemd-analyze / systemd-socket-activate for the unit tests.
+# tracers, systemd-analyze / systemd-socket-activate for the unit tests, gdb for the
+# gdbserver tests, lldb-19 for the lldb ones, Debian's gdbserver as the bench's reference.
 deps:
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	command -v gdb >/dev/null || missing="$$missing gdb"; \
+	command -v lldb-19 >/dev/null || missing="$$missing lldb-19"; \
+	command -v gdbserver >/dev/null || missing="$$missing gdbserver"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \

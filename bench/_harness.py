@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -43,7 +44,7 @@ from bench._procs import (
 
 REFS = ["target", "count_ref", "notify_ref", "stop_ref", "threads_target", "threads_ref",
         "mem_ref", "rpc_ref"]
-SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory", "cond"]
+SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory", "cond", "gdb"]
 DEFAULT_JSON = HERE / "results" / "latest.json"
 PY = sys.executable
 
@@ -66,16 +67,17 @@ class Sizes:
     mem_watches: int
     mem_runs: int
     lib_n: int = 20_000  # stops decoded per run of the client library's CPU figure
+    gdb_n: int = 300
 
 
 FULL = Sizes(runs=7, count_n=20_000, notify_n=20_000, stop_n=2_000, rpc_clients=(1, 32),
              rpc_iters={1: 2_000, 32: 100}, rpc_runs=3, threads=1_000, threads_reps=5,
              spawn=20, threads_runs=3, mem_threads=100, mem_clients=100, mem_watches=4,
-             mem_runs=3)
+             mem_runs=3, gdb_n=300)
 QUICK = Sizes(runs=1, count_n=1_000, notify_n=1_000, stop_n=100, rpc_clients=(1, 32),
               rpc_iters={1: 50, 32: 3}, rpc_runs=1, threads=50, threads_reps=1, spawn=3,
               threads_runs=1, mem_threads=10, mem_clients=10, mem_watches=4, mem_runs=1,
-              lib_n=1_000)
+              lib_n=1_000, gdb_n=10)
 
 
 # ---------------------------------------------------------------- figures
@@ -405,6 +407,65 @@ class Bench:
             p.wait(10)
         return float(r["cpu_ns_per_stop"])
 
+
+    # -- 8. gdb: watch + continue, through hwbkpt gdbserver vs gdb attached by itself
+    def gdb(self) -> dict[str, Any]:
+        n = self.s.gdb_n
+        gdb = shutil.which("gdb")
+        if gdb is None:
+            raise BenchError("gdb is not installed (make deps installs it)")
+        gdbserver = shutil.which("gdbserver")
+        out: dict[str, Any] = {"params": {"n": n}, "placements": {},
+                               "goal": {"per_stop_ratio_max": 1.5}}
+        for place, pin in (("unpinned", None), ("cpu0", "0")):
+            base = statistics.median(self.baseline(pin))
+            native: list[float] = []
+            stub: list[float] = []
+            served: list[float] | dict[str, Any] = []
+            with self.d.pinned(pin):
+                for _ in range(self.s.runs):
+                    native.append(self._gdb_run(gdb, n, pin, "attach {pid}") - base)
+                    if gdbserver is not None:
+                        stub.append(self._gdb_run(
+                            gdb, n, pin, f"target remote | {gdbserver} --attach - {{pid}}") - base)
+                    if isinstance(served, list):
+                        connect = (f"target remote | {PY} -m hwbkpt._cli --socket "
+                                   f"{self.d.socket} gdbserver {{pid}}")
+                        d = self.daemon_runs(1, partial(self._gdb_run, gdb, n, pin, connect))
+                        served = d if isinstance(d, dict) else [*served, d[0] - base]
+            ref = fig(native, "ns")
+            reff: dict[str, Any] = {"native_per_stop_ns": ref}
+            reff["gdbserver_per_stop_ns"] = fig(stub, "ns") if stub else {
+                "error": "Debian's gdbserver is not installed (make deps installs it)"}
+            dmn = served if isinstance(served, dict) else fig(served, "ns")
+            out["placements"][place] = {
+                "reference": reff, "daemon": {"served_per_stop_ns": dmn},
+                "ratio": {"per_stop": ratio(dmn, ref),
+                          "per_stop_vs_gdbserver": ratio(dmn, fig(stub, "ns")) if stub else None,
+                          "gdbserver_vs_native": ratio(fig(stub, "ns"), ref) if stub else None}}
+        return out
+
+    @staticmethod
+    def _gdb_run(gdb: str, n: int, pin: str | None, connect: str) -> float:
+        """ns/write of the target under gdb's ``watch``, gdb reaching it with ``connect``
+        (``{pid}`` filled in): attached by itself, through Debian's gdbserver, or through
+        ``hwbkpt gdbserver``. gdb ignores every hit (``ignore``), so each write is a stop
+        gdb resumes at once, printing nothing."""
+        def sides(pid: int, addr: int) -> list[Side]:
+            argv = [gdb, "-nx", "-batch", "-ex", "set pagination off",
+                    "-ex", connect.format(pid=pid),
+                    "-ex", f"watch *(volatile long *){addr:#x}", "-ex", f"ignore 1 {n + 1}",
+                    "-ex", "echo ready\\n", "-ex", "continue", "-ex", "info watchpoints"]
+            return [(Proc(argv, name=f"gdb ({connect.split()[0]} ...)", pin=pin),
+                     "breakpoint", True)]
+
+        ns, res = gated_run(n, sides, pin, 600)
+        # The first write stores the 0 already there: gdb counts only changes.
+        if res[0][:2] != ["already", "hit"] or int(res[0][2]) != n - 1:
+            raise BenchError(f"gdb counted {' '.join(res[0])}; the target changed it {n - 1}"
+                             " times")
+        return ns
+
     # -- threads target helper
     @contextmanager
     def threads_target(self, nthreads: int) -> Iterator[tuple[Proc, int, int, list[int]]]:
@@ -670,6 +731,14 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
             from bench import _condbench
 
             yield from _condbench.rows(s)
+        elif name == "gdb":
+            for place, p in s["placements"].items():
+                yield name, f"{place}: per stop, watch+continue, served vs native", \
+                    p["reference"]["native_per_stop_ns"], p["daemon"]["served_per_stop_ns"], \
+                    p["ratio"]["per_stop"], "<= 1.5x"
+                yield name, f"{place}: per stop, served vs Debian gdbserver", \
+                    p["reference"]["gdbserver_per_stop_ns"], \
+                    p["daemon"]["served_per_stop_ns"], p["ratio"]["per_stop_vs_gdbserver"], ""
         elif name == "memory":
             p = s["params"]
             yield name, f"RSS, {p['clients']}x{p['watches_per_client']} watches, " \

@@ -139,6 +139,9 @@ class Engine(StopHandling):
             self._drop_watch(watch, reason=None)
         for target in list(self.targets.values()):
             target.clients.discard(cid)
+            if cid in target.attached:
+                target.attached.discard(cid)
+                touched.add(target)
             for thread in list(target.threads.values()):
                 thread.step_requesters.discard(cid)
                 thread.stepping.discard(cid)

@@ -254,6 +254,9 @@ class TargetRec:
     watches: dict[int, WatchRec] = field(default_factory=dict)
     detaching: bool = False
     clients: set[int] = field(default_factory=set)  # clients told about this target
+    # Clients attached to the whole process (``attach``): it stays seized while any is,
+    # even without a watch, as a debugger attached to an idle program expects.
+    attached: set[int] = field(default_factory=set)
 
 
 @dataclass(eq=False, slots=True)

@@ -147,6 +147,7 @@ class EngineBackend:
         "memory",
         "region",
         "debugregs",
+        "attach",
     ]
 
     def __init__(self, config: Config) -> None:
@@ -183,6 +184,9 @@ class EngineBackend:
             "resume": self._resume,
             "step": self._step,
             "interrupt": self._interrupt,
+            "attach": self._attach,
+            "detach": self._detach,
+            "hold_all": self._hold_all,
             "get_regs": self._get_regs,
             "set_regs": self._set_regs,
             "read_memory": self._read_memory,
@@ -397,6 +401,21 @@ class EngineBackend:
 
     def _interrupt(self, client: ClientHandle, p: Params) -> None:
         self.engine.interrupt(client.id, self._authorize_tid(client, p))
+
+    def _target_pid(self, client: ClientHandle, p: Params) -> int:
+        pid = p.integer("pid", lo=1, hi=(1 << 31) - 1)
+        p.done()
+        self._authorize(client, pid)
+        return pid
+
+    def _attach(self, client: ClientHandle, p: Params) -> dict[str, Any]:
+        return {"threads": self.engine.attach(client.id, self._target_pid(client, p))}
+
+    def _detach(self, client: ClientHandle, p: Params) -> None:
+        self.engine.leave(client.id, self._target_pid(client, p))
+
+    def _hold_all(self, client: ClientHandle, p: Params) -> dict[str, Any]:
+        return {"threads": self.engine.hold_all(client.id, self._target_pid(client, p))}
 
     def _get_regs(self, client: ClientHandle, p: Params) -> dict[str, int]:
         return self.engine.get_regs(client.id, self._authorize_tid(client, p))

@@ -115,6 +115,7 @@ class StopHandling:
         def _close_slot(self, thread: ThreadRec, spec: Spec) -> None: ...
         def _refresh(self, slot: SlotRec) -> list[WatchRec]: ...
         def _add_thread(self, target: TargetRec, tid: int, state: ThreadState) -> ThreadRec: ...
+        def _ensure_target(self, pid: int) -> TargetRec: ...
 
     def resume(self, cid: int, tid: int) -> None:
         """Release ``cid``'s hold on a stopped thread. Raises BusyError if it holds none."""
@@ -143,6 +144,56 @@ class StopHandling:
             return
         thread.interrupt_requesters.add(cid)
         self._interrupt_if_running(thread)
+
+    def attach(self, cid: int, pid: int) -> list[int]:
+        """Keep process ``pid`` seized for ``cid`` until it leaves (:meth:`leave`), with
+        or without watches; ``cid`` is told of its exit. Returns its threads.
+
+        Raises NoSuchProcessError, BusyError (another tracer), PermissionDeniedError.
+        """
+        target = self._ensure_target(pid)
+        target.attached.add(cid)
+        target.clients.add(cid)
+        return sorted(t.tid for t in target.threads.values() if not t.detaching)
+
+    def leave(self, cid: int, pid: int) -> None:
+        """``cid`` leaves process ``pid``: it is no longer attached and every thread it
+        holds is released (each runs when no other client holds it). The process is let go
+        when nobody needs it any more. Raises NoSuchProcessError if ``cid`` is not attached.
+        """
+        target = self._attached_target(cid, pid)
+        target.attached.discard(cid)
+        for thread in list(target.threads.values()):
+            thread.interrupt_requesters.discard(cid)
+            thread.step_requesters.discard(cid)
+            thread.parked_events = [(c, f) for c, f in thread.parked_events if c != cid]
+            if cid in thread.holds:
+                thread.holds.discard(cid)
+                self._release(thread)
+        self._maybe_detach(target)
+
+    def hold_all(self, cid: int, pid: int) -> list[int]:
+        """Stop every thread of ``pid`` for ``cid`` (a debugger's all-stop). Returns the
+        threads that will report a ``stop`` event with reason "interrupt" (a thread already
+        stopped for another client reports at once); threads ``cid`` holds already are left
+        as they are. Raises NoSuchProcessError if ``cid`` is not attached to ``pid``.
+        """
+        target = self._attached_target(cid, pid)
+        waiting = []
+        for thread in list(target.threads.values()):
+            if thread.detaching or thread.tid not in self._threads:
+                continue
+            if thread.state is ThreadState.STOPPED and cid in thread.holds:
+                continue
+            self.interrupt(cid, thread.tid)
+            waiting.append(thread.tid)
+        return waiting
+
+    def _attached_target(self, cid: int, pid: int) -> TargetRec:
+        target = self.targets.get(pid)
+        if target is None or target.detaching or cid not in target.attached:
+            raise NoSuchProcessError(f"you are not attached to process {pid}: call attach first")
+        return target
 
     def get_regs(self, cid: int, tid: int) -> dict[str, int]:
         self._held_by(cid, tid)
@@ -549,6 +600,7 @@ class StopHandling:
             if cid in self._clients:
                 self._emit(cid, "exec", {"pid": target.pid}, False)
         target.clients.clear()
+        target.attached.clear()
         thread.holds.clear()
         self.counters["execs"] += 1
         self._maybe_detach(target)
@@ -602,7 +654,7 @@ class StopHandling:
     def _maybe_detach(self, target: TargetRec) -> None:
         if target.detaching or target.pid not in self.targets:
             return
-        if target.watches:
+        if target.watches or target.attached:
             return
         for thread in target.threads.values():
             if (

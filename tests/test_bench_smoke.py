@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory"]
+SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory", "gdb"]
 
 pytestmark = [
     pytest.mark.kernel,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ptrace and perf"),
     pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc for the C references"),
+    pytest.mark.skipif(shutil.which("gdb") is None, reason="needs gdb (make deps installs it)"),
     pytest.mark.timeout(300),
 ]
 
@@ -55,7 +56,8 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
         sc = data["scenarios"].get(name)
         assert sc is not None, f"{name} missing"
         assert "failed" not in sc, f"{name}: {sc.get('failed')}"
-        ref = sc["reference"] if name != "stop" else sc["placements"]["unpinned"]["reference"]
+        placed = name in ("stop", "gdb")
+        ref = sc["placements"]["unpinned"]["reference"] if placed else sc["reference"]
         assert ref, name
         assert all(_is_figure(f) for f in ref.values() if isinstance(f, dict)), name
         if name == "stop":
@@ -71,6 +73,9 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
                             "client_cpu_per_stop_ns"):
                     assert _is_figure(daemon.get(key)), (place, key)
                     assert daemon[key]["median"] > 0, (place, key)
+        elif name == "gdb":
+            for place in ("unpinned", "cpu0"):
+                assert _daemon_ok(sc["placements"][place]["daemon"]), (name, place)
         elif name == "rpc":
             for by in sc["by_clients"].values():
                 assert _daemon_ok(by["daemon"]), name

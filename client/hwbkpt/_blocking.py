@@ -289,6 +289,29 @@ class Client:
         """Stop thread ``tid``; a ``stop`` event follows."""
         self.call("interrupt", tid=tid)
 
+    def attach(self, pid: int) -> list[int]:
+        """Keep process ``pid`` managed for this client, with or without watches, until
+        :meth:`detach`; returns its threads. An ``exit`` event follows its end."""
+        return list(self.call("attach", pid=pid)["threads"])
+
+    def detach(self, pid: int) -> None:
+        """Leave process ``pid``: release every thread this client holds in it."""
+        self.call("detach", pid=pid)
+
+    def hold_all(self, pid: int) -> list[int]:
+        """Stop every thread of ``pid`` for this client (attach first); returns the threads
+        whose ``stop`` event (reason ``interrupt``) will follow."""
+        return list(self.call("hold_all", pid=pid)["threads"])
+
+    def fileno(self) -> int:
+        """The socket's file descriptor, to wait for events with ``select``/``poll``
+        alongside other files (then call :meth:`next_event`). Raises
+        :class:`ConnectionLostError` once closed."""
+        if self._sock is None:
+            self._session.check_alive()
+            raise self._session.lost_error()
+        return self._sock.fileno()
+
     def get_regs(self, tid: int) -> dict[str, int]:
         """The registers of stopped thread ``tid`` (``struct user_regs_struct`` names)."""
         result: dict[str, int] = self.call("get_regs", tid=tid)

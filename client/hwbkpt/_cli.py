@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from hwbkpt import _demo, _drcmd, _selftest, _top, _watchcmd
 from hwbkpt._blocking import Client
+from hwbkpt._gdbserver import _serve as _gdbserver
 from hwbkpt._session import DEFAULT_SOCKET, SOCKET_ENV, DaemonUnavailableError
 from hwbkpt_proto import ConnectionLostError, HwbkptError, PermissionDeniedError
 
@@ -210,6 +211,11 @@ COMMANDS: dict[str, Command] = {
     "top": Command(
         "a refreshing view of targets, threads, slots (holders, hits/s) and clients",
         _top.configure, _top.run, check=_top.check,
+    ),
+    "gdbserver": Command(
+        "serve gdb or lldb (several at once) on a live process: target remote | hwbkpt "
+        "gdbserver PID",
+        _gdbserver.configure, _gdbserver.run,
     ),
     "demo": Command(
         "a short narrated run: three clients sharing one thread's slots",
