@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,11 +138,10 @@ class _Child:
         if line.strip() != "ok":
             raise HwbkptError(f"probe child answered {line!r}")
 
-    def run(
-        self, cmd: str, n: int, on_stop: Callable[[_kernel.WaitEvent], int] | None = None
-    ) -> float:
-        """Run one command to its "ok", serving the child's ptrace stops with ``on_stop``
-        (which returns the signal to resume with); returns the seconds it took."""
+    def run(self, cmd: str, n: int, on_trap: Callable[[], None] | None = None) -> float:
+        """Run one command to its "ok"; returns the seconds it took. At each SIGTRAP
+        signal-delivery-stop of the child ``on_trap()`` looks at it and the trap is
+        suppressed; other signals are delivered, other stops resumed."""
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         start = time.perf_counter()
@@ -153,17 +152,16 @@ class _Child:
             if event is not None:
                 if isinstance(event, _kernel.Exited | _kernel.Killed):
                     raise HwbkptError(f"the probe's child process ended: {event}")
-                sig = on_stop(event) if on_stop is not None else 0
+                sig = event.signal if isinstance(event, _kernel.SignalStop) else 0
+                if sig == signal.SIGTRAP and on_trap is not None:
+                    on_trap()
+                    sig = 0
                 _kernel.cont(self.pid, sig)
                 continue
             if select.select([fd], [], [], 0.0005)[0]:
                 self.answer()
                 return time.perf_counter() - start
         raise HwbkptError(f"the probe's child process did not finish {cmd!r} in {TIMEOUT} s")
-
-
-def _stop_kind(event: _kernel.WaitEvent) -> str:
-    return type(event).__name__
 
 
 @functools.cache
@@ -180,17 +178,14 @@ def probe_int1() -> Finding:
         at = child.addrs["abs"]
         _kernel.write_memory(child.pid, at, b"\xf1\xc3")  # int1; ret
 
-        def on_stop(event: _kernel.WaitEvent) -> int:
-            if isinstance(event, _kernel.SignalStop) and event.signal == signal.SIGTRAP:
-                info = _kernel.getsiginfo(child.pid)
-                regs = _kernel.getregs(child.pid)
-                seen.update(code=info.code, addr=info.addr, rip=regs["rip"])
-                if regs["rip"] == at:  # a fault: step over the byte, as a handler must
-                    _kernel.setregs(child.pid, {**regs, "rip": at + 1})
-                return 0
-            return event.signal if isinstance(event, _kernel.SignalStop) else 0
+        def on_trap() -> None:
+            info = _kernel.getsiginfo(child.pid)
+            regs = _kernel.getregs(child.pid)
+            seen.update(code=info.code, addr=info.addr, rip=regs["rip"])
+            if regs["rip"] == at:  # a fault: step over the byte, as a handler must
+                _kernel.setregs(child.pid, {**regs, "rip": at + 1})
 
-        child.run("abs", 1, on_stop)
+        child.run("abs", 1, on_trap)
     if not seen:
         return Finding("int1", False, "int1 raised no SIGTRAP", "none", None)
     kind = "fault" if seen["rip"] == at else "trap" if seen["rip"] == at + 1 else "other"
@@ -294,17 +289,14 @@ def probe_sigtrap() -> Finding:
             child.pid, child.addrs["var"], 8, Access.WRITE, Mode.STOP, _TOKEN
         )
 
-        def on_stop(ev: _kernel.WaitEvent) -> int:
+        def on_trap() -> None:
             nonlocal data_ok
-            if isinstance(ev, _kernel.SignalStop) and ev.signal == signal.SIGTRAP:
-                info = _kernel.getsiginfo(child.pid)
-                codes[info.code] = codes.get(info.code, 0) + 1
-                data_ok += info.perf_data == _TOKEN
-                return 0
-            return ev.signal if isinstance(ev, _kernel.SignalStop) else 0
+            info = _kernel.getsiginfo(child.pid)
+            codes[info.code] = codes.get(info.code, 0) + 1
+            data_ok += info.perf_data == _TOKEN
 
         try:
-            child.run("write", n, on_stop)
+            child.run("write", n, on_trap)
             count = event.read_count()
         finally:
             event.close()
@@ -334,16 +326,13 @@ def probe_execute() -> Finding:
         entry = child.addrs["labs"]
         event = _kernel.BreakpointEvent(child.pid, entry, 1, Access.EXECUTE, Mode.STOP, _TOKEN)
 
-        def on_stop(ev: _kernel.WaitEvent) -> int:
+        def on_trap() -> None:
             nonlocal stops, at_entry
-            if isinstance(ev, _kernel.SignalStop) and ev.signal == signal.SIGTRAP:
-                stops += 1
-                at_entry += _kernel.getregs(child.pid)["rip"] == entry
-                return 0
-            return ev.signal if isinstance(ev, _kernel.SignalStop) else 0
+            stops += 1
+            at_entry += _kernel.getregs(child.pid)["rip"] == entry
 
         try:
-            child.run("call", n, on_stop)
+            child.run("call", n, on_trap)
             count = event.read_count()
         finally:
             event.close()
@@ -396,7 +385,8 @@ def probe_uprobes() -> Finding:
         "uprobes",
         True,
         f"uprobe PMU present (perf type {pmu})",
-        "software breakpoints can be kernel uprobes",
+        "not used yet: a uprobe event's SIGTRAP comes after the probed instruction has run "
+        "(HACKING.md), so debuggers' software breakpoints take hardware execute slots",
         pmu,
     )
 
@@ -423,15 +413,12 @@ def probe_bpf() -> Finding:
             child.pid, addr, 8, Access.WRITE, Mode.STOP, _TOKEN, bpf=_kernel.BpfFilter(program, {})
         )
 
-        def on_stop(ev: _kernel.WaitEvent) -> int:
+        def on_trap() -> None:
             nonlocal stops
-            if isinstance(ev, _kernel.SignalStop) and ev.signal == signal.SIGTRAP:
-                stops += 1
-                return 0
-            return ev.signal if isinstance(ev, _kernel.SignalStop) else 0
+            stops += 1
 
         try:
-            child.run("write", n, on_stop)
+            child.run("write", n, on_trap)
             count = event.read_count()
             assert event.bpf is not None
             true_hits = event.bpf.words()[HITS_BASE]
@@ -459,7 +446,7 @@ PROBES: dict[str, Callable[[], Finding]] = {
 }
 
 
-def run_all(names: Iterator[str] | None = None) -> list[Finding]:
+def run_all(names: Iterable[str] | None = None) -> list[Finding]:
     """Run the probes (all, or those named); a probe that fails says why in its Finding."""
     out = []
     for name in names if names is not None else PROBES:
