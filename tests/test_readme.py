@@ -82,9 +82,12 @@ def test_readme_tour_and_api_run_verbatim(daemon: Daemon) -> None:
     # the stop-mode watch: each write with old and new value, then the count
     stops = [line for line in lines if " stop " in line and " old=" in line]
     assert stops, out
-    for line in stops:
+    # The first old= is the value once the watch is installed. A write that races the
+    # installation (the program writes every 10 ms; installing on a busy machine can take
+    # longer) makes the first step larger than one: only the later ones are exact.
+    for i, line in enumerate(stops):
         old, new = (int(v, 16) for v in re.findall(r"(?:old|new)=(0x[0-9a-f]+)", line))
-        assert new == old + 1, line
+        assert new > old if i == 0 else new == old + 1, line
     assert any(re.fullmatch(r"count: [1-9][0-9]*", line) for line in lines), out
     # three JSON hit lines
     assert sum(line.startswith('{"event": "hit"') for line in lines) == 3, out
