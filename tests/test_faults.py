@@ -354,7 +354,7 @@ def test_slow_client_does_not_change_what_a_fast_client_gets(
     figure("fast_client_hits", f"{hits}/{n}")
     assert (hits, lost) == (n, 0)
     # The slow client now reads: what it got plus what it was told it lost is every hit.
-    got = slow_lost = 0
+    got = slow_lost = batches = 0
     quiet_since = time.monotonic()
     while time.monotonic() - quiet_since < 1.0:
         msgs = slow.read(0.2)
@@ -363,15 +363,21 @@ def test_slow_client_does_not_change_what_a_fast_client_gets(
         for msg in msgs:
             if msg[0] == 2 and msg[1] == "hit":
                 got += 1
+                batches += 1
             elif msg[0] == 2 and msg[1] == "hits":
                 got += len(msg[2][0]["tid"])  # a batch of hits (PROTOCOL.md)
+                batches += 1
             elif msg[0] == 2 and msg[1] == "lost":
                 slow_lost += msg[2][0]["count"]
-    figure("slow_client_hits_and_lost", f"{got}+{slow_lost}")
-    assert slow_lost > 0
+    figure("slow_client_hits_and_lost", f"{got}+{slow_lost} in {batches} batches")
     assert got + slow_lost == n
+    # What comes behind a full queue is dropped, and told. (Whether anything is: a batch
+    # written when nothing was queued goes whole, overshooting the limit by its own size,
+    # so a daemon that drained the burst in one or two large batches drops nothing. Here
+    # it usually drops thousands.)
     status = fast.status()
-    assert next(cl for cl in status["clients"] if cl["name"] == "slow")["events_dropped"] > 0
+    dropped = next(cl for cl in status["clients"] if cl["name"] == "slow")["events_dropped"]
+    assert (slow_lost > 0) == (dropped > 0), (slow_lost, dropped)
     proc.go()
     assert proc.wait(TIMEOUT) == 0
     fast.close()
