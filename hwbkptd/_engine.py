@@ -67,6 +67,7 @@ from hwbkptd._records import (
     ThreadState,
     WatchRec,
 )
+from hwbkptd._signals import SignalHandling
 from hwbkptd._stops import StopHandling
 
 __all__ = [
@@ -84,7 +85,7 @@ log = logging.getLogger(__name__)
 MAX_NOTIFY_CONDITIONS = 64
 
 
-class Engine(StopHandling):
+class Engine(StopHandling, SignalHandling):
     """All daemon state that is not I/O. See the module docstring."""
 
     def __init__(
@@ -139,6 +140,7 @@ class Engine(StopHandling):
             self._drop_watch(watch, reason=None)
         for target in list(self.targets.values()):
             target.clients.discard(cid)
+            target.signal_clients.pop(cid, None)
             if cid in target.attached:
                 target.attached.discard(cid)
                 touched.add(target)

@@ -185,6 +185,7 @@ SI_KERNEL: Final = 0x80  # x86 int3 (do_int3_user sends SIGTRAP with SI_KERNEL)
 _WALL: Final = 0x40000000  # __WALL: wait for all children, clone or not (wait(2))
 
 SYS_perf_event_open: Final = 298  # x86-64
+SYS_tgkill: Final = 234  # x86-64
 PERF_TYPE_BREAKPOINT: Final = 5
 PERF_SAMPLE_IP: Final = 1 << 0
 PERF_SAMPLE_TID: Final = 1 << 1
@@ -846,6 +847,20 @@ def pending_signals(tid: int) -> int:
     daemon's and must reach the program. Raises NoSuchProcessError."""
     fields = _status_fields(f"/proc/{tid}/status")
     return int(fields["SigPnd"], 16)
+
+
+@_oserrors("send signal {2} to thread {1}", who="thread")
+def send_signal(pid: int, tid: int, sig: int) -> None:
+    """tgkill(2): queue ``sig`` for thread ``tid`` of ``pid``. A debugger's signal for a
+    thread in a ptrace-stop other than a signal-delivery-stop goes this way: restarting
+    such a stop with a signal does nothing (ptrace(2), "signal injection"). Raises
+    NoSuchProcessError."""
+    # Not os.kill (the process: any thread may take it) nor signal.pthread_kill (needs a
+    # pthread_t of this process): tgkill, by number.
+    args = (ctypes.c_int(pid), ctypes.c_int(tid), ctypes.c_int(sig))
+    if _syscall(ctypes.c_long(SYS_tgkill), *args) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ __all__ = [
     "Filter",
     "Port",
     "SigInfo",
+    "SignalStop",
     "SlotRec",
     "TargetRec",
     "ThreadRec",
@@ -123,6 +124,7 @@ class Port(Protocol):
     def setregs(self, tid: int, regs: Mapping[str, int]) -> None: ...
     def pending_signals(self, tid: int) -> int: ...
     def read_memory(self, pid: int, addr: int, size: int) -> bytes: ...
+    def send_signal(self, pid: int, tid: int, sig: int) -> None: ...
 
 
 Emit = Callable[[int, str, dict[str, Any], bool], None]
@@ -224,6 +226,15 @@ class SlotRec:
 
 
 @dataclass(eq=False, slots=True)
+class SignalStop:
+    """A thread's signal at one stop, and each client's choice for it (``_signals``)."""
+
+    signal: int  # what the thread would resume with by itself (0: nothing)
+    told: frozenset[int]  # the clients told of it with a "signal" stop
+    choices: dict[int, int] = field(default_factory=dict)  # client -> its resume's signal
+
+
+@dataclass(eq=False, slots=True)
 class ThreadRec:
     tid: int
     pid: int
@@ -245,6 +256,11 @@ class ThreadRec:
     freed: bool = False  # a slot closed during the current reconcile pass
     parked_events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     detaching: bool = False
+    # At a stop: the signal it is to resume with and what each client said about it
+    # (``hwbkptd._signals``); None while nobody reported or chose a signal.
+    signal_stop: SignalStop | None = None
+    delivery_stop: bool = False  # the current stop is a signal-delivery-stop
+    injected: int = 0  # a signal a client asked for, sent with tgkill: delivered untold
 
 
 @dataclass(eq=False, slots=True)
@@ -257,6 +273,9 @@ class TargetRec:
     # Clients attached to the whole process (``attach``): it stays seized while any is,
     # even without a watch, as a debugger attached to an idle program expects.
     attached: set[int] = field(default_factory=set)
+    # Attached clients that asked to be told of signals (``signals``): the signals each
+    # passes without being told (gdb's QPassSignals).
+    signal_clients: dict[int, frozenset[int]] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)

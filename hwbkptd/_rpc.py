@@ -36,6 +36,7 @@ from hwbkptd._platform import probe_int1
 from hwbkptd._rawdr import RawDebugRegisters
 from hwbkptd._region import split_region
 from hwbkptd._server import ClientHandle
+from hwbkptd._signals import MAX_SIGNAL
 from hwbkptd._tracer import KernelPort, Tracer
 
 __all__ = ["EngineBackend", "Params"]
@@ -97,6 +98,22 @@ class Params:
             raise InvalidArgumentError(f"{self.method}: {name} must be a string or nil")
         return value
 
+    def boolean(self, name: str, default: Any = _MISSING) -> bool:
+        value = self._get(name, default)
+        if type(value) is not bool:
+            raise InvalidArgumentError(f"{self.method}: {name} must be true or false")
+        return value
+
+    def int_list(self, name: str, default: Any, *, lo: int, hi: int, what: str) -> list[int]:
+        value = self._get(name, default)
+        if not isinstance(value, list) or not all(
+            type(v) is int and lo <= v <= hi for v in value
+        ):
+            raise InvalidArgumentError(
+                f"{self.method}: {name} must be a list of {what} from {lo} to {hi}"
+            )
+        return value
+
     def binary(self, name: str) -> bytes:
         value = self._get(name, _MISSING)
         if not isinstance(value, bytes):
@@ -148,6 +165,7 @@ class EngineBackend:
         "region",
         "debugregs",
         "attach",
+        "signals",
     ]
 
     def __init__(self, config: Config) -> None:
@@ -187,6 +205,7 @@ class EngineBackend:
             "attach": self._attach,
             "detach": self._detach,
             "hold_all": self._hold_all,
+            "signals": self._signals,
             "get_regs": self._get_regs,
             "set_regs": self._set_regs,
             "read_memory": self._read_memory,
@@ -394,10 +413,12 @@ class EngineBackend:
         return self.engine.count(client.id, wid)
 
     def _resume(self, client: ClientHandle, p: Params) -> None:
-        self.engine.resume(client.id, self._authorize_tid(client, p))
+        sig = p.opt_int("signal", hi=MAX_SIGNAL)
+        self.engine.resume(client.id, self._authorize_tid(client, p), sig)
 
     def _step(self, client: ClientHandle, p: Params) -> None:
-        self.engine.step(client.id, self._authorize_tid(client, p))
+        sig = p.opt_int("signal", hi=MAX_SIGNAL)
+        self.engine.step(client.id, self._authorize_tid(client, p), sig)
 
     def _interrupt(self, client: ClientHandle, p: Params) -> None:
         self.engine.interrupt(client.id, self._authorize_tid(client, p))
@@ -416,6 +437,11 @@ class EngineBackend:
 
     def _hold_all(self, client: ClientHandle, p: Params) -> dict[str, Any]:
         return {"threads": self.engine.hold_all(client.id, self._target_pid(client, p))}
+
+    def _signals(self, client: ClientHandle, p: Params) -> None:
+        report = p.boolean("report", True)
+        passed = p.int_list("pass", [], lo=1, hi=MAX_SIGNAL, what="signal numbers")
+        self.engine.catch_signals(client.id, self._target_pid(client, p), report, passed)
 
     def _get_regs(self, client: ClientHandle, p: Params) -> dict[str, int]:
         return self.engine.get_regs(client.id, self._authorize_tid(client, p))

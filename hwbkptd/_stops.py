@@ -116,10 +116,16 @@ class StopHandling:
         def _refresh(self, slot: SlotRec) -> list[WatchRec]: ...
         def _add_thread(self, target: TargetRec, tid: int, state: ThreadState) -> ThreadRec: ...
         def _ensure_target(self, pid: int) -> TargetRec: ...
+        def _signal_watchers(self, thread: ThreadRec, sig: int) -> set[int]: ...
+        def _report_signal(self, thread: ThreadRec, sig: int, watchers: set[int]) -> None: ...
+        def _choose_signal(self, thread: ThreadRec, cid: int, sig: int | None) -> None: ...
+        def _settle_signal(self, thread: ThreadRec) -> None: ...
 
-    def resume(self, cid: int, tid: int) -> None:
-        """Release ``cid``'s hold on a stopped thread. Raises BusyError if it holds none."""
+    def resume(self, cid: int, tid: int, signal: int | None = None) -> None:
+        """Release ``cid``'s hold on a stopped thread; ``signal``: what it says of the
+        thread's signal (``_signals``). Raises BusyError if it holds none."""
         thread = self._held_by(cid, tid)
+        self._choose_signal(thread, cid, signal)
         thread.holds.discard(cid)
         # The last hold of a target whose watches are gone: detach now (DESIGN §5.5).
         target = self.targets.get(thread.pid)
@@ -127,9 +133,11 @@ class StopHandling:
             self._maybe_detach(target)
         self._release(thread)
 
-    def step(self, cid: int, tid: int) -> None:
-        """Release ``cid``'s hold; the thread's next resume is one single step for ``cid``."""
+    def step(self, cid: int, tid: int, signal: int | None = None) -> None:
+        """Release ``cid``'s hold; the thread's next resume is one single step for ``cid``
+        (``signal`` as for :meth:`resume`). Raises BusyError if it holds none."""
         thread = self._held_by(cid, tid)
+        self._choose_signal(thread, cid, signal)
         thread.holds.discard(cid)
         thread.step_requesters.add(cid)
         self._release(thread)
@@ -163,6 +171,7 @@ class StopHandling:
         """
         target = self._attached_target(cid, pid)
         target.attached.discard(cid)
+        target.signal_clients.pop(cid, None)
         for thread in list(target.threads.values()):
             thread.interrupt_requesters.discard(cid)
             thread.step_requesters.discard(cid)
@@ -234,12 +243,22 @@ class StopHandling:
             self._orphan_stop(tid, sig)
             return
         thread.state = ThreadState.STOPPED
+        thread.delivery_stop = True
         if sig == SIGTRAP:
             self._on_sigtrap(thread)
             return
         # Not ours: deliver it unchanged. A stopping signal then brings a group-stop.
         thread.resume_sig = sig
         requesters = self._take_interrupts(thread)
+        watchers = self._signal_watchers(thread, sig)
+        if watchers:
+            # Told with reason "signal"; an interrupt requester among them needs no other.
+            self._report_signal(thread, sig, watchers)
+            requesters -= watchers
+            if requesters:
+                thread.holds.update(requesters)
+                self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
+            return
         if requesters:
             thread.holds.update(requesters)
             self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
@@ -253,6 +272,7 @@ class StopHandling:
             self._orphan_stop(tid, 0)
             return
         thread.interrupt_sent = False
+        thread.delivery_stop = False
         if thread.detaching or thread.interrupt_requesters:
             thread.state = ThreadState.STOPPED
             self._event_stop(thread)
@@ -268,6 +288,7 @@ class StopHandling:
             return
         prev = thread.state
         thread.state = ThreadState.STOPPED
+        thread.delivery_stop = False
         thread.resume_sig = 0
         if event == EVENT_CLONE:
             self._on_clone(thread)
@@ -440,7 +461,7 @@ class StopHandling:
             }
             if dr6 and cid in dr6:
                 fields["dr6"] = dr6[cid]
-            if extra and wids:
+            if extra and (wids or reason == "signal"):
                 fields.update(extra)
             self._emit(cid, "stop", fields, False)
 
@@ -539,6 +560,8 @@ class StopHandling:
         if thread.reopen and not thread.detaching:
             thread.reopen = False
             self._reconcile(thread)  # stopped now: reopen what waits for another mode
+        if thread.signal_stop is not None:
+            self._settle_signal(thread)
         sig, thread.resume_sig = thread.resume_sig, 0
         tid = thread.tid
         try:
@@ -601,6 +624,7 @@ class StopHandling:
                 self._emit(cid, "exec", {"pid": target.pid}, False)
         target.clients.clear()
         target.attached.clear()
+        target.signal_clients.clear()
         thread.holds.clear()
         self.counters["execs"] += 1
         self._maybe_detach(target)

@@ -286,6 +286,9 @@ class KernelPort:
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
         return _kernel.read_memory(pid, addr, size)
 
+    def send_signal(self, pid: int, tid: int, sig: int) -> None:
+        _kernel.send_signal(pid, tid, sig)
+
 
 class Tracer:
     """Runs the loop of the module docstring for one engine."""

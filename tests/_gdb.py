@@ -39,6 +39,7 @@ _STOP_LINE = re.compile(
     r"|^(0x[0-9a-f]+ in )?[\w:]+ \(.*\) at \S+:\d+$"
     r"|^\d+\t"
     r"|^Could not insert|^Could not insert hardware"
+    r"|^Program (received|terminated with) signal "
 )
 
 

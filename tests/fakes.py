@@ -85,6 +85,7 @@ SIGTRAP = int(signal.SIGTRAP)
 SIGSTOP = int(signal.SIGSTOP)
 SI_USER = 0
 SI_KERNEL = 0x80
+SI_TKILL = -6  # tgkill(2)
 TRAP_TRACE = 2
 
 
@@ -453,6 +454,10 @@ class FakeKernel:
         for sig in t.pending:
             mask |= 1 << (sig - 1)
         return mask
+
+    def send_signal(self, pid: int, tid: int, sig: int) -> None:
+        self.calls.append(("tgkill", tid, sig))
+        self.queue_signal(tid, sig, SigInfo(SI_TKILL, 0), now=False)
 
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
         self._live(pid)

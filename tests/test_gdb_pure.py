@@ -62,7 +62,8 @@ def test_signals_in_gdbs_numbering() -> None:
     assert gdb_signal(signal.SIGKILL) == 9
     assert gdb_signal(signal.SIGUSR1) == 30  # Linux 10
     assert gdb_signal(signal.SIGCHLD) == 20  # Linux 17
-    assert gdb_signal(signal.SIGRTMIN + 3) == 143
+    assert gdb_signal(signal.SIGRTMIN + 3) == 49  # GDB_SIGNAL_REALTIME_37
+    assert gdb_signal(signal.SIGSTKFLT) == 143  # no gdb number: GDB_SIGNAL_UNKNOWN
 
 
 # ------------------------------------------------------------------ registers
@@ -219,3 +220,36 @@ def test_attached_client_is_told_of_the_exit() -> None:
     h.settle()
     exits = [f for kind, f in h.take(1) if kind == "exit"]
     assert exits == [{"pid": PID, "tid": PID, "code": 7, "signal": None}]
+
+
+# ------------------------------------------------------------------ signal numbers
+
+
+def test_gdb_and_host_signal_numbers_round_trip() -> None:
+    import signal as host
+
+    from hwbkpt._gdbserver._packets import host_signal
+
+    assert gdb_signal(int(host.SIGUSR1)) == 30
+    assert host_signal(30) == int(host.SIGUSR1)
+    assert host_signal(11) == int(host.SIGSEGV)
+    assert host_signal(0) == 0
+    assert gdb_signal(34) == 46  # GDB_SIGNAL_REALTIME_34
+    for sig in range(1, 65):
+        number = gdb_signal(sig)
+        if number != 143:
+            assert host_signal(number) == sig
+    assert host_signal(7) is None  # GDB_SIGNAL_EMT: no such signal on Linux
+    assert host_signal(143) is None
+
+
+def test_qpasssignals_lists() -> None:
+    import signal as host
+
+    from hwbkpt._gdbserver._packets import parse_signal_list
+
+    assert parse_signal_list(b"") == set()
+    assert parse_signal_list(b"e;1e;7") == {int(host.SIGALRM), int(host.SIGUSR1)}
+    for bad in (b";", b"e;", b"zz", b"-1", b"100", b"e,f"):
+        with pytest.raises(PacketError):
+            parse_signal_list(bad)

@@ -14,7 +14,7 @@ import os
 import select
 import socket as _socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -266,24 +266,31 @@ class Client:
         result: list[dict[str, Any]] = self.call("watches")
         return result
 
-    def resume(self, tid: int, *, wait: bool = True) -> None:
+    def resume(self, tid: int, *, wait: bool = True, signal: int | None = None) -> None:
         """Release this client's hold on stopped thread ``tid``.
 
         ``wait=False`` sends it without waiting for the daemon's answer (a hit loop saves a
-        round trip); a failure then arrives as an ``error`` event.
+        round trip); a failure then arrives as an ``error`` event. ``signal``: 0 discards
+        the signal this client was told of (a ``stop`` with reason ``signal``), another
+        number delivers that one instead (proto/PROTOCOL.md, ``signals``).
         """
-        if wait:
-            self.call("resume", tid=tid)
-        else:
+        if not wait and signal is None:  # a hit loop's path: bytes encoded once per thread
             self._send(self._session.thread_notification("resume", tid))
-
-    def step(self, tid: int, *, wait: bool = True) -> None:
-        """Single-step stopped thread ``tid``; the step trap comes back as a ``stop`` event.
-        ``wait=False`` as for :meth:`resume`."""
-        if wait:
-            self.call("step", tid=tid)
         else:
-            self._send(self._session.thread_notification("step", tid))
+            self._continue("resume", tid, wait, signal)
+
+    def step(self, tid: int, *, wait: bool = True, signal: int | None = None) -> None:
+        """Single-step stopped thread ``tid``; the step trap comes back as a ``stop`` event.
+        ``wait=False`` and ``signal`` as for :meth:`resume`."""
+        self._continue("step", tid, wait, signal)
+
+    def _continue(self, method: str, tid: int, wait: bool, signal: int | None) -> None:
+        if wait:
+            self.call(method, tid=tid, **({} if signal is None else {"signal": signal}))
+        elif signal is None:
+            self._send(self._session.thread_notification(method, tid))
+        else:  # not the fixed [tid] shape (PROTOCOL.md 1.1): the named form
+            self._send(self._session.notification(method, {"tid": tid, "signal": signal}))
 
     def interrupt(self, tid: int) -> None:
         """Stop thread ``tid``; a ``stop`` event follows."""
@@ -302,6 +309,13 @@ class Client:
         """Stop every thread of ``pid`` for this client (attach first); returns the threads
         whose ``stop`` event (reason ``interrupt``) will follow."""
         return list(self.call("hold_all", pid=pid)["threads"])
+
+    def signals(self, pid: int, *, report: bool = True, passed: Iterable[int] = ()) -> None:
+        """Be told of the signals process ``pid`` receives (attach first), except those in
+        ``passed``: each comes as a ``stop`` event with reason ``signal``, and the thread
+        waits for this client's :meth:`resume`. ``report=False`` ends that."""
+        params: dict[str, Any] = {"pid": pid, "report": report, "pass": sorted(set(passed))}
+        self.call("signals", **params)
 
     def fileno(self) -> int:
         """The socket's file descriptor, to wait for events with ``select``/``poll``

@@ -11,7 +11,7 @@ around a call) loses no bytes: another waiter takes over the reading.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -228,23 +228,32 @@ class AsyncClient:
         result: list[dict[str, Any]] = await self.call("watches")
         return result
 
-    async def resume(self, tid: int, *, wait: bool = True) -> None:
+    async def resume(self, tid: int, *, wait: bool = True, signal: int | None = None) -> None:
         """Release this client's hold on stopped thread ``tid``.
 
         ``wait=False`` sends it without waiting for the daemon's answer; a failure then
-        arrives as an ``error`` event.
+        arrives as an ``error`` event. ``signal`` as for the blocking client's ``resume``.
         """
+        params: dict[str, Any] = {"tid": tid} if signal is None else {"tid": tid, "signal": signal}
         if wait:
-            await self.call("resume", tid=tid)
+            await self.call("resume", **params)
         else:
-            await self._send_only(self._session.notification("resume", {"tid": tid}))
+            await self._send_only(self._session.notification("resume", params))
 
-    async def step(self, tid: int, *, wait: bool = True) -> None:
-        """Single-step stopped thread ``tid``; ``wait=False`` as for :meth:`resume`."""
+    async def step(self, tid: int, *, wait: bool = True, signal: int | None = None) -> None:
+        """Single-step stopped thread ``tid``; ``wait=False`` and ``signal`` as for
+        :meth:`resume`."""
+        params: dict[str, Any] = {"tid": tid} if signal is None else {"tid": tid, "signal": signal}
         if wait:
-            await self.call("step", tid=tid)
+            await self.call("step", **params)
         else:
-            await self._send_only(self._session.notification("step", {"tid": tid}))
+            await self._send_only(self._session.notification("step", params))
+
+    async def signals(
+        self, pid: int, *, report: bool = True, passed: Iterable[int] = ()
+    ) -> None:
+        """As the blocking client's ``signals``: be told of ``pid``'s signals but ``passed``."""
+        await self.call("signals", pid=pid, report=report, **{"pass": sorted(set(passed))})
 
     async def _send_only(self, data: bytes) -> None:
         async with self._send_lock:

@@ -15,6 +15,8 @@ __all__ = [
     "PacketError",
     "gdb_signal",
     "hex_int",
+    "host_signal",
+    "parse_signal_list",
     "parse_thread",
     "split_args",
     "xfer_window",
@@ -79,13 +81,46 @@ _HOST_TO_GDB: Final = {
     int(getattr(signal, name)): number
     for name, number in _GDB_SIGNALS.items()
     if hasattr(signal, name)
+} | {
+    # Real-time signals: GDB_SIGNAL_REALTIME_33 .. _63 are 45 .. 75, _32 is 77, _64 is 78
+    # (signals.def; glibc keeps 32 and 33 for itself, but a program can still get them).
+    **{host: 45 + host - 33 for host in range(33, 64)},
+    32: 77,
+    64: 78,
 }
+_GDB_TO_HOST: Final = {number: host for host, number in _HOST_TO_GDB.items()}
 _GDB_UNKNOWN: Final = 143  # GDB_SIGNAL_UNKNOWN
+#: Signal numbers in packets are one byte (``T``, ``C``, ``S``, ``QPassSignals`` items).
+_MAX_GDB_SIGNAL: Final = 0xFF
 
 
 def gdb_signal(host: int) -> int:
-    """gdb's number for host signal ``host``; signals without a fixed gdb number here
-    (real-time ones) come out as ``GDB_SIGNAL_UNKNOWN`` (143)."""
+    """gdb's number for host signal ``host``; signals without one (SIGSTKFLT) come out as
+    ``GDB_SIGNAL_UNKNOWN`` (143)."""
     if host == 0:
         return 0
     return _HOST_TO_GDB.get(host, _GDB_UNKNOWN)
+
+
+def host_signal(number: int) -> int | None:
+    """The host signal for gdb's signal ``number`` (0 for 0), or None if it has none."""
+    if number == 0:
+        return 0
+    return _GDB_TO_HOST.get(number)
+
+
+def parse_signal_list(text: bytes) -> set[int]:
+    """The host signals of a ``QPassSignals:`` list (gdb numbers in hex, ``;`` between, or
+    nothing); gdb's signals that have no host number are left out, as gdbserver ignores
+    them. Raises PacketError for anything that is not such a list."""
+    if not text:
+        return set()
+    hosts = set()
+    for item in text.split(b";"):
+        number = hex_int(item, "signal number")
+        if number > _MAX_GDB_SIGNAL:
+            raise PacketError(f"signal number {number:#x} out of range")
+        host = host_signal(number)
+        if host:
+            hosts.add(host)
+    return hosts

@@ -21,6 +21,11 @@ Theory of operation:
   ``Z3`` gets the empty reply: x86 has no read-only watchpoints, and gdb then emulates
   ``rwatch`` with an access watchpoint, exactly as native gdb does
   (``x86_insert_watchpoint`` refuses ``hw_read``).
+* **Signals.** The session asks the daemon for the program's signals (``signals``), minus
+  those gdb passes silently (``QPassSignals``); each comes as a stop reply with gdb's number
+  for it. At the next resume ``C``/``vCont;C`` with that signal passes it, ``c`` discards
+  it, another signal replaces it; the daemon delivers it unless every debugger told of it
+  discarded it (proto/PROTOCOL.md, ``signals``).
 * ``D`` and ``k`` both mean "this debugger leaves": its watches go, its holds are released
   (``detach``), the process runs on for the others. Nothing is ever killed.
 
@@ -46,6 +51,8 @@ from hwbkpt._gdbserver._packets import (
     PacketError,
     gdb_signal,
     hex_int,
+    host_signal,
+    parse_signal_list,
     parse_thread,
     split_args,
     xfer_window,
@@ -64,6 +71,8 @@ _MAX_MEMORY = 0x10000  # bytes per m/M/X (gdb asks for at most PacketSize / 2)
 _PAGE = 4096
 _SIGTRAP = 5
 _SIGINT = 2
+
+_GDB_UNKNOWN = 143  # GDB_SIGNAL_UNKNOWN: what a signal without a gdb number is reported as
 
 _Z_ACCESS = {0: "x", 1: "x", 2: "w", 4: "rw"}
 _Z_REASON = {0: "swbreak", 1: "hwbreak", 2: "watch", 4: "awatch"}
@@ -122,7 +131,11 @@ class GdbSession:
         self.g_thread = pid
         self.multiprocess = False  # thread ids as pPID.TID (the debugger asked for it)
         self.last_stop = _Stop(pid, _SIGTRAP)
+        # Per thread: the signal it stopped with for this debugger (host, gdb's number),
+        # until the debugger resumes it and says what becomes of it.
+        self.told: dict[int, tuple[int, int]] = {}
         client.attach(pid)
+        client.signals(pid)
         self._mem_fd = self._open_mem(pid)
         self._hold_all()
         self._handlers: dict[int, Callable[[bytes], bytes | None]] = {
@@ -139,10 +152,12 @@ class GdbSession:
             ord("m"): self._on_m,
             ord("M"): self._on_big_m,
             ord("X"): self._on_big_x,
-            ord("c"): lambda _: self._resume([("c", ALL_THREADS)]),
-            ord("s"): lambda _: self._resume([("s", self.g_thread), ("c", ALL_THREADS)]),
-            ord("C"): lambda _: self._resume([("c", ALL_THREADS)]),
-            ord("S"): lambda _: self._resume([("s", self.g_thread), ("c", ALL_THREADS)]),
+            ord("c"): lambda _: self._resume([("c", ALL_THREADS, None)]),
+            ord("s"): lambda _: self._resume(
+                [("s", self.g_thread, None), ("c", ALL_THREADS, None)]
+            ),
+            ord("C"): self._on_continue_signal,
+            ord("S"): self._on_continue_signal,
             ord("Z"): self._on_insert,
             ord("z"): self._on_remove,
             ord("D"): self._on_detach,
@@ -244,6 +259,11 @@ class GdbSession:
         reason = event.get("reason")
         if reason == "interrupt":
             return None
+        if reason == "signal":
+            host = int(event.get("signal") or 0)
+            number = gdb_signal(host)
+            self.told[int(event.tid)] = (host, number)
+            return _Stop(int(event.tid), number, [], dict(event.regs))
         reasons: list[tuple[str, str]] = []
         for wid in event.get("watches") or []:
             point = self.by_watch.get(wid)
@@ -325,8 +345,9 @@ class GdbSession:
 
     # -- resuming -------------------------------------------------------------------------
 
-    def _resume(self, actions: list[tuple[str, int]]) -> bytes | None:
-        """Apply ``vCont`` actions; the stop reply follows later (returns no reply)."""
+    def _resume(self, actions: list[tuple[str, int, int | None]]) -> bytes | None:
+        """Apply ``vCont`` actions (verb, thread, gdb's signal number or None); the stop
+        reply follows later (returns no reply)."""
         if self.exited is not None:
             return self._exit_reply()
         self.pending = [s for s in self.pending if s.tid in self.held]
@@ -337,21 +358,54 @@ class GdbSession:
         self.memory.clear()
         for tid in sorted(self.held):
             # The first action that names the thread applies (gdb's manual, vCont).
-            action = next((a for a, t in actions if t in (tid, ALL_THREADS, ANY_THREAD)), None)
-            if action is None or action == "t":
+            verb, number = next(
+                ((a, n) for a, t, n in actions if t in (tid, ALL_THREADS, ANY_THREAD)),
+                ("t", None),
+            )
+            if verb == "t":
                 continue
             self.held.discard(tid)
             self.regs.pop(tid, None)
+            sig = self._signal_for(tid, number)
             try:
                 # No answer awaited (a failure comes back as an "error" event, logged):
                 # one round trip less per stop.
-                if action == "s":
-                    self.client.step(tid, wait=False)
+                if verb == "s":
+                    self.client.step(tid, wait=False, signal=sig)
                 else:
-                    self.client.resume(tid, wait=False)
+                    self.client.resume(tid, wait=False, signal=sig)
             except HwbkptError as err:
                 log.info("resuming thread %d: %s", tid, err)
         return None
+
+    def _signal_for(self, tid: int, number: int | None) -> int | None:
+        """What resuming ``tid`` says of its signal: None (nothing to say: it stopped with
+        none for this debugger and gets none), 0 (discard the one it was told of: ``c``),
+        or the host signal to deliver (``C``: the same one passes it)."""
+        told = self.told.pop(tid, None)
+        if number is None:
+            return 0 if told is not None else None
+        if told is not None and number == told[1]:
+            return told[0]  # passed back as reported, even as GDB_SIGNAL_UNKNOWN
+        return host_signal(number) or None
+
+    def _on_continue_signal(self, data: bytes) -> bytes | None:
+        """``Csig[;addr]`` / ``Ssig[;addr]``: continue (or step the current thread) with a
+        signal. Raises PacketError for a signal gdb has no host number for."""
+        number = self._packet_signal(data[1:].partition(b";")[0])
+        tid = self.last_stop.tid
+        if data[:1] == b"S":
+            return self._resume([("s", tid, number), ("c", ALL_THREADS, None)])
+        return self._resume([("c", tid, number), ("c", ALL_THREADS, None)])
+
+    def _packet_signal(self, text: bytes) -> int:
+        """gdb's signal number in a ``C``/``S`` action. Raises PacketError unless it is a
+        byte that names a host signal (or GDB_SIGNAL_UNKNOWN, which passes back a signal
+        reported as such)."""
+        number = hex_int(text, "signal number")
+        if number != _GDB_UNKNOWN and host_signal(number) is None:
+            raise PacketError(f"signal {number:#x} has no number on this host")
+        return number
 
     def _interrupt(self) -> None:
         if not self.running:
@@ -411,7 +465,7 @@ class GdbSession:
                 f"PacketSize={PACKET_SIZE:x};QStartNoAckMode+;qXfer:features:read+;"
                 + ("multiprocess+;" if self.multiprocess else "")
                 + "qXfer:threads:read+;qXfer:exec-file:read+;qXfer:auxv:read+;swbreak+;"
-                "hwbreak+;vContSupported+;QThreadEvents+"
+                "hwbreak+;vContSupported+;QThreadEvents+;QPassSignals+"
             ).encode()
         if name == b"qAttached":
             return b"1"
@@ -467,7 +521,15 @@ class GdbSession:
             self._send(b"OK")
             self.codec.start_no_ack()
             return None
-        if data.startswith((b"QThreadEvents:", b"QPassSignals:", b"QProgramSignals:")):
+        if data.startswith(b"QPassSignals:"):
+            # Passed signals are not even reported to this debugger: the daemon lets them
+            # through without holding the thread for it.
+            self.client.signals(self.pid, passed=parse_signal_list(data[13:]))
+            return b"OK"
+        if data.startswith(b"QProgramSignals:"):
+            parse_signal_list(data[16:])  # what the program may get: every signal here
+            return b"OK"
+        if data.startswith(b"QThreadEvents:"):
             return b"OK"
         return b""
 
@@ -480,11 +542,12 @@ class GdbSession:
                 verb, _, thread = item.partition(b":")
                 if not verb or verb[:1] not in b"cCsSt":
                     raise PacketError(f"bad vCont action {item[:20]!r}")
-                # C/S carry a signal to deliver; the daemon has no way to inject one, and
-                # it never reports the program's own signals to a debugger, so gdb has
-                # none to pass back: they resume like c/s.
+                # C/S carry gdb's number of the signal to deliver (see _signal_for).
+                number = self._packet_signal(verb[1:]) if verb[:1] in b"CS" else None
+                if verb[:1] in b"cst" and len(verb) > 1:
+                    raise PacketError(f"bad vCont action {item[:20]!r}")
                 actions.append((verb[:1].lower().decode(), parse_thread(thread) if thread
-                                else ALL_THREADS))
+                                else ALL_THREADS, number))
             self._resume(actions)
             return None
         if data.startswith(b"vKill"):
