@@ -16,6 +16,7 @@ from tests._daemon import Daemon
 from tests._gdb import GDB, LLDB, Batch, Gdb, gdb_factory, stop_lines
 from tests._progs import Target, build
 from tests.test_gdbserver import compare
+from tests.test_gdbserver_live import TIMEOUT, Peer, gdbserver
 from tests.test_gdbserver_lldb import lldb_port
 from tests.test_watch import Conn, connect_fixture, wait_until  # noqa: F401  (`connect`)
 
@@ -213,3 +214,26 @@ def running_after_a_stop(client: hwbkpt.Client, pid: int) -> bool:
         if t["pid"] == pid:
             return all(th["state"] == "running" and not th["held_by"] for th in t["threads"])
     return False
+
+
+@pytest.mark.timeout(60)
+def test_bad_signal_packets_get_errors_and_hold_nothing(target: Start, daemon: Daemon) -> None:
+    proc = target("signals")
+    with gdbserver(daemon, proc.pid) as server:
+        assert server.stdin is not None
+        assert server.stdout is not None
+        peer = Peer(server.stdout.fileno(), server.stdin.fileno())
+        assert b"QPassSignals+" in peer.ask(b"qSupported:multiprocess+")
+        for bad in (b"QPassSignals:zz", b"QPassSignals:e;", b"QPassSignals:1ff",
+                    b"QProgramSignals:-1", b"Cff", b"C", b"Szz;1234", b"vCont;C07",
+                    b"vCont;Cxy:1", b"vCont;c0a", b"vCont;C"):
+            assert peer.ask(bad) == b"E01", bad
+        assert peer.ask(b"QPassSignals:") == b"OK"
+        assert peer.ask(b"QPassSignals:e;1e;1f") == b"OK"  # SIGALRM, SIGUSR1, SIGUSR2
+        proc.go()
+        # The program's signals are all passed now: nothing stops for this debugger, which
+        # leaves while the program runs.
+        assert peer.ask(b"D") == b"OK"
+        assert server.wait(TIMEOUT) == 0
+    assert proc.line() == "done usr1=2 usr2=1 alrm=1"
+    assert proc.wait() == 22
