@@ -622,11 +622,23 @@ class StopHandling:
         for cid in owners:
             if cid in self._clients:
                 self._emit(cid, "exec", {"pid": target.pid}, False)
-        target.clients.clear()
-        target.attached.clear()
-        target.signal_clients.clear()
+        # Debuggers stay with the new program (a debugger expects to, PROTOCOL.md attach):
+        # the thread is held for each of them at its first instruction, as at a stop.
+        attached = {cid for cid in target.attached if cid in self._clients}
+        target.clients = set(attached)
+        target.attached = set(attached)
+        target.signal_clients = {
+            cid: passed for cid, passed in target.signal_clients.items() if cid in attached
+        }
         thread.holds.clear()
         self.counters["execs"] += 1
+        requesters = self._take_interrupts(thread) - attached
+        if attached:
+            thread.holds.update(attached)
+            self._send_stop(thread, {cid: [] for cid in attached}, reason="exec")
+        if requesters:
+            thread.holds.update(requesters)
+            self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
         self._maybe_detach(target)
         if thread.tid in self._threads:
             self._release(thread)

@@ -27,6 +27,10 @@ __all__ = ["GDB", "LLDB", "Batch", "Gdb", "batch_factory", "gdb_factory", "stop_
 GDB = shutil.which("gdb")
 LLDB = shutil.which("lldb-19")
 TIMEOUT = 30.0
+# gdb waits 2 s for a reply by default; on this shared, loaded machine the server's start
+# (Python, attaching, holding every thread) took longer, and gdb gave up on the connection
+# ("Remote replied unexpectedly to 'vMustReplyEmpty'"). Tests must not depend on speed.
+REMOTE_TIMEOUT = 20
 
 # The lines gdb prints when the program stops or ends: breakpoint and watchpoint hits,
 # old/new values, the frame and source line it stopped at, finish, exit and detach.
@@ -40,6 +44,7 @@ _STOP_LINE = re.compile(
     r"|^\d+\t"
     r"|^Could not insert|^Could not insert hardware"
     r"|^Program (received|terminated with) signal "
+    r"|^process \d+ is executing new program: "
 )
 
 
@@ -78,7 +83,7 @@ class Gdb:
     def command_line(program: str) -> list[str]:
         assert GDB is not None
         return [GDB, "-nx", "-q", "-ex", "set pagination off", "-ex", "set confirm off",
-                "-ex", "set width 0", program]
+                "-ex", "set width 0", "-ex", f"set remotetimeout {REMOTE_TIMEOUT}", program]
 
     @staticmethod
     def marker(mark: str) -> str:
@@ -163,7 +168,7 @@ class Batch:
     def gdb(cls, program: str, connect: str, commands: list[str]) -> Batch:
         assert GDB is not None
         argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set width 0",
-                "-ex", connect]
+                "-ex", f"set remotetimeout {REMOTE_TIMEOUT}", "-ex", connect]
         for command in commands:
             argv += ["-ex", command]
         return cls([*argv, program])

@@ -253,3 +253,27 @@ def test_qpasssignals_lists() -> None:
     for bad in (b";", b"e;", b"zz", b"-1", b"100", b"e,f"):
         with pytest.raises(PacketError):
             parse_signal_list(bad)
+
+
+def test_exec_keeps_attached_clients_and_holds_the_new_program_for_them() -> None:
+    h, [tid] = setup()
+    h.engine.attach(1, PID)
+    h.engine.catch_signals(1, PID, True, ())
+    watch = h.engine.watch(2, PID, X, Mode.STOP)  # client 2 only watches: it is told, not held
+    h.settle()
+    h.take()
+    h.kernel.exec(tid)
+    h.settle()
+    assert [kind for kind, _ in h.take(2)] == ["exec"]
+    assert watch.ended == "exec"
+    events = h.take(1)
+    assert [kind for kind, _ in events] == ["exec", "stop"]
+    assert events[1][1]["reason"] == "exec"
+    assert h.kernel.state(tid) == "event"  # held at the new program's first instruction
+    assert h.engine.hold_all(1, PID) == []  # still attached: nothing more to hold
+    h.engine.resume(1, tid)
+    h.settle()
+    assert h.kernel.state(tid) == "running"
+    h.engine.leave(1, PID)
+    h.settle()
+    assert h.kernel.traced() == []  # nobody needs it any more: let go

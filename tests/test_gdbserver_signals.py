@@ -237,3 +237,25 @@ def test_bad_signal_packets_get_errors_and_hold_nothing(target: Start, daemon: D
         assert server.wait(TIMEOUT) == 0
     assert proc.line() == "done usr1=2 usr2=1 alrm=1"
     assert proc.wait() == 22
+
+
+@needs_gdb
+@pytest.mark.timeout(120)
+def test_gdb_follows_an_exec_as_native_gdb_does(
+    target: Start, daemon: Daemon, gdb_factory: StartGdb
+) -> None:
+    script = [
+        "break execer.c:12",  # var = 42: run only by the new program
+        "GO",
+        "continue",  # process N is executing new program: PATH; then Breakpoint 1
+        "print var",
+        "continue",  # exited normally
+    ]
+    served, proc = compare(target, daemon, gdb_factory, script, "execer", 3)
+    assert "is executing new program: " in served
+    assert "Breakpoint 1, main (" in served, served
+    assert "$1 = 0" in served  # the new program's var, before its store
+    assert "exited normally]" in served
+    assert proc.line() == "done var=3"
+    assert proc.line().startswith("execd addr=")
+    assert proc.wait() == 0

@@ -130,6 +130,7 @@ class GdbSession:
         self.by_watch: dict[int, _Point] = {}
         self.g_thread = pid
         self.multiprocess = False  # thread ids as pPID.TID (the debugger asked for it)
+        self.exec_events = False  # exec stops as "exec:" replies (the debugger asked)
         self.last_stop = _Stop(pid, _SIGTRAP)
         # Per thread: the signal it stopped with for this debugger (host, gdb's number),
         # until the debugger resumes it and says what becomes of it.
@@ -248,9 +249,7 @@ class GdbSession:
             self.exited = f"X{gdb_signal(sig):02x}" if sig else f"W{(code or 0) & 0xFF:02x}"
             self.held.clear()
         elif event.kind == "exec" and event.get("pid") == self.pid:
-            # The daemon ended this attachment; the new program is another debugging session.
-            self.exited = "W00"
-            self.held.clear()
+            self._on_exec()
         elif event.kind in ("error", "lost", "disconnected"):
             log.warning("daemon: %s %s", event.kind, event.fields)
 
@@ -259,6 +258,8 @@ class GdbSession:
         reason = event.get("reason")
         if reason == "interrupt":
             return None
+        if reason == "exec":
+            return _Stop(int(event.tid), _SIGTRAP, self._exec_reasons(), dict(event.regs))
         if reason == "signal":
             host = int(event.get("signal") or 0)
             number = gdb_signal(host)
@@ -276,6 +277,42 @@ class GdbSession:
         if reason == "watch" and not reasons:
             return None  # its watch was removed meanwhile: nothing to tell the debugger
         return _Stop(int(event.tid), _SIGTRAP, reasons, dict(event.regs))
+
+    def _on_exec(self) -> None:
+        """The program called exec: every thread but the one that did is gone, with every
+        watch (ended by the daemon); this debugger stays attached and is told next with a
+        ``stop`` of reason "exec" (a stop reply with ``exec:`` when gdb asked for
+        ``exec-events``; gdb then loads the new program, as native gdb does)."""
+        self.held.clear()
+        self.regs.clear()
+        self.memory.clear()
+        self.told.clear()
+        self.pending.clear()
+        # gdb forgets its insertions at an exec (they were in the old program) and inserts
+        # them afresh: the old ones must not be counted as inserted still.
+        for point in self.points.values():
+            for wid in point.ids:
+                try:
+                    self.client.call("unwatch", id=wid)
+                except HwbkptError:
+                    pass
+        self.points.clear()
+        self.by_watch.clear()
+        # /proc/PID/mem opened before the exec reads the old program's memory.
+        if self._mem_fd is not None:
+            os.close(self._mem_fd)
+        self._mem_fd = self._open_mem(self.pid)
+
+    def _exec_reasons(self) -> list[tuple[str, str]]:
+        """``exec:HEXPATH`` for a debugger that asked for exec events, else nothing (the
+        stop is then a plain SIGTRAP stop in the new program, not an end)."""
+        if not self.exec_events:
+            return []
+        try:
+            path = os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            return []
+        return [("exec", path.encode().hex())]
 
     def _report_if_stopped(self) -> None:
         """While the debugger waits: report the process's end, or a stop after holding all."""
@@ -460,10 +497,13 @@ class GdbSession:
     def _on_query(self, data: bytes) -> bytes:
         name, _, rest = data.partition(b":")
         if name == b"qSupported":
-            self.multiprocess = b"multiprocess+" in rest.split(b";")
+            features = rest.split(b";")
+            self.multiprocess = b"multiprocess+" in features
+            self.exec_events = b"exec-events+" in features
             return (
                 f"PacketSize={PACKET_SIZE:x};QStartNoAckMode+;qXfer:features:read+;"
                 + ("multiprocess+;" if self.multiprocess else "")
+                + ("exec-events+;" if self.exec_events else "")
                 + "qXfer:threads:read+;qXfer:exec-file:read+;qXfer:auxv:read+;swbreak+;"
                 "hwbreak+;vContSupported+;QThreadEvents+;QPassSignals+"
             ).encode()
