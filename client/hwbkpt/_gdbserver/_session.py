@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hwbkpt._blocking import Client
 from hwbkpt._events import Event
-from hwbkpt._gdbserver import _regs
+from hwbkpt._gdbserver import _regs, _svr4
 from hwbkpt._gdbserver._codec import Ack, Codec, Dropped, Interrupt, Nak, Packet
 from hwbkpt._gdbserver._packets import (
     ALL_THREADS,
@@ -126,6 +127,7 @@ class GdbSession:
         # Memory read during one stop (gdb reads a watched value several times per stop);
         # emptied whenever a thread may run or memory is written.
         self.memory: dict[tuple[int, int], bytes] = {}
+        self.libraries: dict[bytes, bytes] = {}  # the last qXfer:libraries-svr4 document
         self.points: dict[tuple[int, int, int], _Point] = {}
         self.by_watch: dict[int, _Point] = {}
         self.g_thread = pid
@@ -504,7 +506,8 @@ class GdbSession:
                 f"PacketSize={PACKET_SIZE:x};QStartNoAckMode+;qXfer:features:read+;"
                 + ("multiprocess+;" if self.multiprocess else "")
                 + ("exec-events+;" if self.exec_events else "")
-                + "qXfer:threads:read+;qXfer:exec-file:read+;qXfer:auxv:read+;swbreak+;"
+                + "qXfer:threads:read+;qXfer:exec-file:read+;qXfer:auxv:read+;"
+                "qXfer:libraries-svr4:read+;swbreak+;"
                 "hwbreak+;vContSupported+;QThreadEvents+;QPassSignals+"
             ).encode()
         if name == b"qAttached":
@@ -533,11 +536,42 @@ class GdbSession:
         elif obj == b"exec-file":
             data = os.readlink(f"/proc/{self.pid}/exe").encode()
         elif obj == b"auxv":
-            with open(f"/proc/{self.pid}/auxv", "rb") as f:
-                data = f.read()
+            data = self._auxv()
+        elif obj == b"libraries-svr4":
+            data = self._libraries(annex, offset)
         else:
             return b""
         return xfer_window(data, offset, length)
+
+    def _auxv(self) -> bytes:
+        with open(f"/proc/{self.pid}/auxv", "rb") as f:
+            return f.read()
+
+    def _libraries(self, annex: bytes, offset: int) -> bytes:
+        """The SVR4 library list (``_svr4``), built at the first window of a read and kept
+        for the following ones while nothing runs. Raises PacketError for a static program
+        (gdb then reads the link map itself) or a malformed annex."""
+        cached = self.libraries.get(annex)
+        if cached is not None and offset and not self.running:
+            return cached
+        try:
+            data = _svr4.library_list(self._read, self._auxv(), annex, hidden=self._vdso())
+        except (_svr4.NoDynamicSection, ValueError, struct.error) as err:
+            raise PacketError(f"no SVR4 library list: {err}") from None
+        self.libraries = {annex: data}
+        return data
+
+    def _vdso(self) -> tuple[int, int]:
+        """The vDSO's mapping (``[vdso]`` in /proc/PID/maps), or (0, 0)."""
+        try:
+            with open(f"/proc/{self.pid}/maps") as f:
+                for line in f:
+                    if line.rstrip().endswith("[vdso]"):
+                        lo, _, hi = line.split()[0].partition("-")
+                        return int(lo, 16), int(hi, 16)
+        except OSError:
+            pass
+        return 0, 0
 
     def _threads(self) -> list[int]:
         """Threads in the debugger's view: those held for it, the main thread first."""
