@@ -6,6 +6,7 @@ Programs, daemon, debuggers and clients are killed and closed at teardown."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable
 
@@ -13,9 +14,9 @@ import pytest
 
 import hwbkpt
 from tests._daemon import Daemon
-from tests._gdb import GDB, LLDB, Batch, Gdb, gdb_factory, stop_lines
+from tests._gdb import GDB, LLDB, Batch, Gdb, gdb_factory, server_command, stop_lines
 from tests._progs import Target, build
-from tests.test_gdbserver import compare
+from tests.test_gdbserver import compare, run_script
 from tests.test_gdbserver_live import TIMEOUT, Peer, gdbserver
 from tests.test_gdbserver_lldb import lldb_port
 from tests.test_watch import Conn, connect_fixture, wait_until  # noqa: F401  (`connect`)
@@ -259,3 +260,42 @@ def test_gdb_follows_an_exec_as_native_gdb_does(
     assert proc.line() == "done var=3"
     assert proc.line().startswith("execd addr=")
     assert proc.wait() == 0
+
+
+@needs_gdb
+@pytest.mark.timeout(120)
+def test_info_threads_after_threads_came_and_went(
+    target: Start, daemon: Daemon, gdb_factory: StartGdb
+) -> None:
+    # Three workers start, write, exit and are joined before main reaches its last
+    # printf: gdb then lists the main thread alone, natively and through the server.
+    # One difference is gdb's, not the server's: natively gdb saw the workers come and go
+    # ("[New Thread ...]"), so it names the thread that stops ("Thread 1 ... hit
+    # Breakpoint 1"); through a remote that learns of threads only at stops it never saw
+    # more than one and prints "Breakpoint 1, main (...)" (Debian's gdbserver prints the
+    # same, checked by hand): gdb asks for thread events (QThreadEvents) only in non-stop.
+    script = [
+        "break threads.c:40",
+        "GO",
+        "continue",
+        "info threads",
+        "continue",
+    ]
+    outputs = []
+    for connect in ("native", "server"):
+        proc = target("threads", 3, 1000)
+        where = f"attach {proc.pid}" if connect == "native" else server_command(
+            daemon.socket, proc.pid
+        )
+        _, out = run_script(gdb_factory, proc, where, script)
+        assert proc.wait() == 0
+        outputs.append(out)
+    native, served = outputs
+    for out in outputs:
+        rows = [line for line in out.splitlines() if re.match(r"^[* ] +\d+ +Thread ", line)]
+        assert len(rows) == 1, out
+        assert rows[0].startswith("* 1 "), out
+        assert "main (" in rows[0], out
+        assert "exited normally]" in out
+    unnamed = [re.sub(r'^Thread N "[^"]*" hit ', "", line) for line in stop_lines(native)]
+    assert stop_lines(served) == unnamed, f"native:\n{native}\nserver:\n{served}"
