@@ -21,11 +21,7 @@ Theory of operation:
   ``Z3`` gets the empty reply: x86 has no read-only watchpoints, and gdb then emulates
   ``rwatch`` with an access watchpoint, exactly as native gdb does
   (``x86_insert_watchpoint`` refuses ``hw_read``).
-* **Signals.** The session asks the daemon for the program's signals (``signals``), minus
-  those gdb passes silently (``QPassSignals``); each comes as a stop reply with gdb's number
-  for it. At the next resume ``C``/``vCont;C`` with that signal passes it, ``c`` discards
-  it, another signal replaces it; the daemon delivers it unless every debugger told of it
-  discarded it (proto/PROTOCOL.md, ``signals``).
+* Signals, exec and shared libraries: :mod:`._program`.
 * ``D`` and ``k`` both mean "this debugger leaves": its watches go, its holds are released
   (``detach``), the process runs on for the others. Nothing is ever killed.
 
@@ -37,14 +33,13 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hwbkpt._blocking import Client
 from hwbkpt._events import Event
-from hwbkpt._gdbserver import _regs, _svr4
+from hwbkpt._gdbserver import _regs
 from hwbkpt._gdbserver._codec import Ack, Codec, Dropped, Interrupt, Nak, Packet
 from hwbkpt._gdbserver._packets import (
     ALL_THREADS,
@@ -52,12 +47,11 @@ from hwbkpt._gdbserver._packets import (
     PacketError,
     gdb_signal,
     hex_int,
-    host_signal,
-    parse_signal_list,
     parse_thread,
     split_args,
     xfer_window,
 )
+from hwbkpt._gdbserver._program import ProgramPackets
 from hwbkpt_proto import HwbkptError, InvalidArgumentError, NoSuchProcessError
 
 __all__ = ["PACKET_SIZE", "GdbSession"]
@@ -73,7 +67,6 @@ _PAGE = 4096
 _SIGTRAP = 5
 _SIGINT = 2
 
-_GDB_UNKNOWN = 143  # GDB_SIGNAL_UNKNOWN: what a signal without a gdb number is reported as
 
 _Z_ACCESS = {0: "x", 1: "x", 2: "w", 4: "rw"}
 _Z_REASON = {0: "swbreak", 1: "hwbreak", 2: "watch", 4: "awatch"}
@@ -100,7 +93,7 @@ class _Stop:
     regs: dict[str, int] | None = None
 
 
-class GdbSession:
+class GdbSession(ProgramPackets):
     """Serves one debugger on process ``pid`` through ``client``.
 
     ``write`` is called with the bytes to send to the debugger. Feed what the debugger
@@ -127,16 +120,14 @@ class GdbSession:
         # Memory read during one stop (gdb reads a watched value several times per stop);
         # emptied whenever a thread may run or memory is written.
         self.memory: dict[tuple[int, int], bytes] = {}
-        self.libraries: dict[bytes, bytes] = {}  # the last qXfer:libraries-svr4 document
+        self.libraries: dict[bytes, bytes] = {}
         self.points: dict[tuple[int, int, int], _Point] = {}
         self.by_watch: dict[int, _Point] = {}
         self.g_thread = pid
         self.multiprocess = False  # thread ids as pPID.TID (the debugger asked for it)
         self.exec_events = False  # exec stops as "exec:" replies (the debugger asked)
         self.last_stop = _Stop(pid, _SIGTRAP)
-        # Per thread: the signal it stopped with for this debugger (host, gdb's number),
-        # until the debugger resumes it and says what becomes of it.
-        self.told: dict[int, tuple[int, int]] = {}
+        self.told: dict[int, tuple[int, int]] = {}  # see _program.ProgramPackets
         client.attach(pid)
         client.signals(pid)
         self._mem_fd = self._open_mem(pid)
@@ -280,42 +271,6 @@ class GdbSession:
             return None  # its watch was removed meanwhile: nothing to tell the debugger
         return _Stop(int(event.tid), _SIGTRAP, reasons, dict(event.regs))
 
-    def _on_exec(self) -> None:
-        """The program called exec: every thread but the one that did is gone, with every
-        watch (ended by the daemon); this debugger stays attached and is told next with a
-        ``stop`` of reason "exec" (a stop reply with ``exec:`` when gdb asked for
-        ``exec-events``; gdb then loads the new program, as native gdb does)."""
-        self.held.clear()
-        self.regs.clear()
-        self.memory.clear()
-        self.told.clear()
-        self.pending.clear()
-        # gdb forgets its insertions at an exec (they were in the old program) and inserts
-        # them afresh: the old ones must not be counted as inserted still.
-        for point in self.points.values():
-            for wid in point.ids:
-                try:
-                    self.client.call("unwatch", id=wid)
-                except HwbkptError:
-                    pass
-        self.points.clear()
-        self.by_watch.clear()
-        # /proc/PID/mem opened before the exec reads the old program's memory.
-        if self._mem_fd is not None:
-            os.close(self._mem_fd)
-        self._mem_fd = self._open_mem(self.pid)
-
-    def _exec_reasons(self) -> list[tuple[str, str]]:
-        """``exec:HEXPATH`` for a debugger that asked for exec events, else nothing (the
-        stop is then a plain SIGTRAP stop in the new program, not an end)."""
-        if not self.exec_events:
-            return []
-        try:
-            path = os.readlink(f"/proc/{self.pid}/exe")
-        except OSError:
-            return []
-        return [("exec", path.encode().hex())]
-
     def _report_if_stopped(self) -> None:
         """While the debugger waits: report the process's end, or a stop after holding all."""
         if self.exited is not None:
@@ -417,35 +372,6 @@ class GdbSession:
                 log.info("resuming thread %d: %s", tid, err)
         return None
 
-    def _signal_for(self, tid: int, number: int | None) -> int | None:
-        """What resuming ``tid`` says of its signal: None (nothing to say: it stopped with
-        none for this debugger and gets none), 0 (discard the one it was told of: ``c``),
-        or the host signal to deliver (``C``: the same one passes it)."""
-        told = self.told.pop(tid, None)
-        if number is None:
-            return 0 if told is not None else None
-        if told is not None and number == told[1]:
-            return told[0]  # passed back as reported, even as GDB_SIGNAL_UNKNOWN
-        return host_signal(number) or None
-
-    def _on_continue_signal(self, data: bytes) -> bytes | None:
-        """``Csig[;addr]`` / ``Ssig[;addr]``: continue (or step the current thread) with a
-        signal. Raises PacketError for a signal gdb has no host number for."""
-        number = self._packet_signal(data[1:].partition(b";")[0])
-        tid = self.last_stop.tid
-        if data[:1] == b"S":
-            return self._resume([("s", tid, number), ("c", ALL_THREADS, None)])
-        return self._resume([("c", tid, number), ("c", ALL_THREADS, None)])
-
-    def _packet_signal(self, text: bytes) -> int:
-        """gdb's signal number in a ``C``/``S`` action. Raises PacketError unless it is a
-        byte that names a host signal (or GDB_SIGNAL_UNKNOWN, which passes back a signal
-        reported as such)."""
-        number = hex_int(text, "signal number")
-        if number != _GDB_UNKNOWN and host_signal(number) is None:
-            raise PacketError(f"signal {number:#x} has no number on this host")
-        return number
-
     def _interrupt(self) -> None:
         if not self.running:
             return
@@ -543,36 +469,6 @@ class GdbSession:
             return b""
         return xfer_window(data, offset, length)
 
-    def _auxv(self) -> bytes:
-        with open(f"/proc/{self.pid}/auxv", "rb") as f:
-            return f.read()
-
-    def _libraries(self, annex: bytes, offset: int) -> bytes:
-        """The SVR4 library list (``_svr4``), built at the first window of a read and kept
-        for the following ones while nothing runs. Raises PacketError for a static program
-        (gdb then reads the link map itself) or a malformed annex."""
-        cached = self.libraries.get(annex)
-        if cached is not None and offset and not self.running:
-            return cached
-        try:
-            data = _svr4.library_list(self._read, self._auxv(), annex, hidden=self._vdso())
-        except (_svr4.NoDynamicSection, ValueError, struct.error) as err:
-            raise PacketError(f"no SVR4 library list: {err}") from None
-        self.libraries = {annex: data}
-        return data
-
-    def _vdso(self) -> tuple[int, int]:
-        """The vDSO's mapping (``[vdso]`` in /proc/PID/maps), or (0, 0)."""
-        try:
-            with open(f"/proc/{self.pid}/maps") as f:
-                for line in f:
-                    if line.rstrip().endswith("[vdso]"):
-                        lo, _, hi = line.split()[0].partition("-")
-                        return int(lo, 16), int(hi, 16)
-        except OSError:
-            pass
-        return 0, 0
-
     def _threads(self) -> list[int]:
         """Threads in the debugger's view: those held for it, the main thread first."""
         threads = sorted(self.held) or [self.pid]
@@ -595,14 +491,8 @@ class GdbSession:
             self._send(b"OK")
             self.codec.start_no_ack()
             return None
-        if data.startswith(b"QPassSignals:"):
-            # Passed signals are not even reported to this debugger: the daemon lets them
-            # through without holding the thread for it.
-            self.client.signals(self.pid, passed=parse_signal_list(data[13:]))
-            return b"OK"
-        if data.startswith(b"QProgramSignals:"):
-            parse_signal_list(data[16:])  # what the program may get: every signal here
-            return b"OK"
+        if data.startswith((b"QPassSignals:", b"QProgramSignals:")):
+            return self._on_signal_list(data)
         if data.startswith(b"QThreadEvents:"):
             return b"OK"
         return b""
