@@ -27,6 +27,13 @@ __all__ = ["GDB", "LLDB", "Batch", "Gdb", "batch_factory", "gdb_factory", "stop_
 GDB = shutil.which("gdb")
 LLDB = shutil.which("lldb-19")
 TIMEOUT = 30.0
+# gdb retransmits a packet that is not acknowledged within `remotetimeout` (2 s by default;
+# putpkt_binary in gdb/remote.c), and a server answers both copies: on a loaded machine the
+# server's start (Python, the daemon's attach and hold_all) can take that long, and gdb then
+# takes the second qSupported reply for the answer to its next packet ("Remote replied
+# unexpectedly to 'vMustReplyEmpty'"). A debugger on a busy machine is not what these tests
+# are about.
+REMOTE_TIMEOUT = 30
 
 # The lines gdb prints when the program stops or ends: breakpoint and watchpoint hits,
 # old/new values, the frame and source line it stopped at, finish, exit and detach.
@@ -77,7 +84,7 @@ class Gdb:
     def command_line(program: str) -> list[str]:
         assert GDB is not None
         return [GDB, "-nx", "-q", "-ex", "set pagination off", "-ex", "set confirm off",
-                "-ex", "set width 0", program]
+                "-ex", "set width 0", "-ex", f"set remotetimeout {REMOTE_TIMEOUT}", program]
 
     @staticmethod
     def marker(mark: str) -> str:
@@ -162,7 +169,7 @@ class Batch:
     def gdb(cls, program: str, connect: str, commands: list[str]) -> Batch:
         assert GDB is not None
         argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set width 0",
-                "-ex", connect]
+                "-ex", f"set remotetimeout {REMOTE_TIMEOUT}", "-ex", connect]
         for command in commands:
             argv += ["-ex", command]
         return cls([*argv, program])
