@@ -17,7 +17,10 @@ Theory of operation:
   ``Z2``/``Z4`` a region split the gdb way, all pieces or ``E01``; ``Z1`` and ``Z0`` a
   hardware execute slot, so that ``break`` never writes an ``int3`` into code the other
   debuggers and the program share. (Not a uprobe: a uprobe stops the thread only after the
-  probed instruction has run, HACKING.md, and gdb needs it stopped at the address.)
+  probed instruction has run, and this kernel's verifier refuses the BPF program that
+  could move it back, HACKING.md; gdb needs it stopped at the address.) A ``Z0``/``Z1``
+  that gets no slot is ``E01`` plus a line on stderr naming the slots and who holds them
+  (``_noslot.py``): gdb's own message for it is "Cannot access memory".
   ``Z3`` gets the empty reply: x86 has no read-only watchpoints, and gdb then emulates
   ``rwatch`` with an access watchpoint, exactly as native gdb does
   (``x86_insert_watchpoint`` refuses ``hw_read``).
@@ -41,6 +44,7 @@ from hwbkpt._blocking import Client
 from hwbkpt._events import Event
 from hwbkpt._gdbserver import _regs
 from hwbkpt._gdbserver._codec import Ack, Codec, Dropped, Interrupt, Nak, Packet
+from hwbkpt._gdbserver._noslot import no_slot_message
 from hwbkpt._gdbserver._packets import (
     ALL_THREADS,
     ANY_THREAD,
@@ -686,6 +690,7 @@ class GdbSession(ProgramPackets):
         if kind in (0, 1):
             watch = self.client.watch(self.pid, addr, 1, access="x", mode="stop")
             if watch.state != "installed":
+                self._say_no_slot(watch.threads, f"breakpoint at {addr:#x}")
                 watch.remove()
                 return None
             return _Point(kind, addr, [watch.id], {watch.id: addr})
@@ -695,6 +700,16 @@ class GdbSession(ProgramPackets):
             self.pid, addr, size, access=_Z_ACCESS[kind], mode="stop"
         )
         return _Point(kind, addr, [w.id for w in watches], {w.id: w.addr for w in watches})
+
+    def _say_no_slot(self, threads: dict[int, str], what: str) -> None:
+        """Tell the user, on stderr (gdb shows it), why ``what`` got no slot: gdb itself
+        can only say "Cannot access memory" (hwbkpt/_gdbserver/_noslot.py)."""
+        try:
+            status = self.client.call("status")
+        except HwbkptError as err:  # the refusal stands; the explanation is a bonus
+            log.warning("%s not inserted: no hardware slot free (%s)", what, err)
+            return
+        log.warning("%s", no_slot_message(status, self.pid, threads, what, os.getpid()))
 
     def _on_remove(self, data: bytes) -> bytes:
         kind, addr, size = self._z_args(data)
