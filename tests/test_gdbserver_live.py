@@ -314,3 +314,26 @@ def test_read_ready_reads_what_is_there_and_never_waits(target: Start, daemon: D
     proc.go()
     assert proc.line(TIMEOUT).startswith("done var=1")
     assert proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_packet_resent_before_its_reply_was_acked_is_answered_once(
+    target: Start, daemon: Daemon
+) -> None:
+    # gdb resends a packet whose ack did not come within its remotetimeout (a server that
+    # starts slowly): both copies are waiting when the server first reads. One answer.
+    proc = target("writer", 1)
+    with gdbserver(daemon, proc.pid) as server:
+        assert server.stdin is not None
+        assert server.stdout is not None
+        peer = Peer(server.stdout.fileno(), server.stdin.fileno())
+        peer.write(peer.codec.send(b"qSupported") + peer.codec.send(b"qSupported"))
+        assert peer.packet().startswith(b"PacketSize=")
+        assert peer.ask(b"qAttached") == b"1"  # the answer to this packet, not a stale one
+        # The same packet again once its reply was acked is a new request: answered.
+        assert peer.ask(b"qAttached") == b"1"
+        assert peer.ask(b"D") == b"OK"
+        assert server.wait(TIMEOUT) == 0
+    proc.go()
+    assert proc.line(TIMEOUT).startswith("done var=1")
+    assert proc.wait(TIMEOUT) == 0

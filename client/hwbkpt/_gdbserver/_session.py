@@ -112,6 +112,8 @@ class GdbSession:
         self._debug = log.isEnabledFor(logging.DEBUG)  # asked once, not twice per packet
         self.finished = False
         self._last_sent = b""
+        self._last_packet = b""
+        self._unacked = False  # a reply sent in ack mode and not acknowledged yet
         self.held: set[int] = set()
         self.running = False
         self.exited: str | None = None  # the W/X reply once the process is gone
@@ -167,6 +169,15 @@ class GdbSession:
         while not self.finished:
             event = self.codec.next_event()
             if isinstance(event, Packet):
+                if self._unacked and event.data == self._last_packet and self.codec.ack_mode:
+                    # In ack mode gdb acks each reply before it sends its next packet, so
+                    # the same packet again while our reply is unacked is gdb resending
+                    # it after its ack timeout (remotetimeout, 2 s: a server starting
+                    # slowly on a busy machine); answering it twice would make every
+                    # later reply the answer to the packet before.
+                    log.info("ignored a retransmission of %r", event.data[:40])
+                    continue
+                self._last_packet = event.data
                 self._packet(event.data)
             elif isinstance(event, Interrupt):
                 self._interrupt()
@@ -177,6 +188,7 @@ class GdbSession:
                 log.warning("dropped a packet from the debugger: %s", event.reason)
                 self._flush()
             elif isinstance(event, Ack):
+                self._unacked = False
                 continue
             else:
                 break
@@ -192,6 +204,7 @@ class GdbSession:
             log.debug("-> %r", payload[:200])
         wire = self.codec.send(payload)
         self._last_sent = wire.lstrip(b"+-")
+        self._unacked = self.codec.ack_mode
         self._write(wire)
 
     def _packet(self, data: bytes) -> None:
