@@ -439,8 +439,10 @@ class Bench:
             reff["gdbserver_per_stop_ns"] = fig(stub, "ns") if stub else {
                 "error": "Debian's gdbserver is not installed (make deps installs it)"}
             dmn = served if isinstance(served, dict) else fig(served, "ns")
+            cpu = fig([self._gdb_cpu(pin) for _ in range(self.s.runs)], "ns")
             out["placements"][place] = {
-                "reference": reff, "daemon": {"served_per_stop_ns": dmn},
+                "reference": reff, "daemon": {"served_per_stop_ns": dmn,
+                                              "server_cpu_per_stop_ns": cpu},
                 "ratio": {"per_stop": ratio(dmn, ref),
                           "per_stop_vs_gdbserver": ratio(dmn, fig(stub, "ns")) if stub else None,
                           "gdbserver_vs_native": ratio(fig(stub, "ns"), ref) if stub else None}}
@@ -472,6 +474,14 @@ class Bench:
             out["placements"][place] = {"hw_per_stop_ns": hw, "uprobe_per_stop_ns": up,
                                         "ratio": {"uprobe_vs_hw": ratio(up, hw)}}
         return out
+
+    def _gdb_cpu(self, pin: str | None) -> float:
+        """ns of CPU ``hwbkpt gdbserver``'s session spends per stop of this row, without
+        any I/O (bench/_dclient.py gdbcpu)."""
+        with dclient("gdbcpu", {"n": self.s.lib_n}, pin) as p:
+            r = result_json(p.expect("result", 120))
+            p.wait(10)
+        return float(r["cpu_ns_per_stop"])
 
     @staticmethod
     def _gdb_run(gdb: str, n: int, pin: str | None, connect: str) -> float:
@@ -767,6 +777,9 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                 yield name, f"{place}: per stop, served vs Debian gdbserver", \
                     p["reference"]["gdbserver_per_stop_ns"], \
                     p["daemon"]["served_per_stop_ns"], p["ratio"]["per_stop_vs_gdbserver"], ""
+                if "server_cpu_per_stop_ns" in p["daemon"]:
+                    yield name, f"{place}: server session CPU/stop, no I/O", None, \
+                        p["daemon"]["server_cpu_per_stop_ns"], None, ""
         elif name == "uprobe":
             for place, p in s["placements"].items():
                 yield name, f"{place}: per stop, uprobe (C ref) vs hw execute slot (C ref)", \

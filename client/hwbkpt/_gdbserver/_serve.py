@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -64,6 +65,9 @@ def serve(client: Client, pid: int, rfd: int, wfd: int) -> int:
     the process is gone. Returns an exit status. Raises what :class:`GdbSession` raises
     when the process cannot be attached."""
     session = GdbSession(client, pid, lambda data: _write_all(wfd, data))
+    # Everything imported and set up so far lives as long as the server: keep the cyclic
+    # collector from scanning it again and again while a debugger steps through stops.
+    gc.freeze()
     poller = select.poll()
     poller.register(rfd, select.POLLIN)
     poller.register(client.fileno(), select.POLLIN)
@@ -83,7 +87,7 @@ def serve(client: Client, pid: int, rfd: int, wfd: int) -> int:
                     except BrokenPipeError:
                         session.leave()
                 elif not session.finished:
-                    session.pump_events(wait=1.0)  # readable: it returns at once
+                    session.pump_events(readable=True)
     finally:
         session.leave()
     return EXIT_OK
