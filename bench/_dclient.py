@@ -348,6 +348,9 @@ def gdbcpu(p: Params) -> None:
         def attach(self, _pid: int) -> list[int]:
             return [pid]
 
+        def signals(self, _pid: int, **_: Any) -> None:
+            pass
+
         def hold_all(self, _pid: int) -> list[int]:
             self.session.receive_data(stop_bytes("interrupt", []))
             return [pid]
@@ -361,7 +364,7 @@ def gdbcpu(p: Params) -> None:
         def read_ready(self) -> None:
             pass
 
-        def resume(self, tid: int, *, wait: bool = True) -> None:
+        def resume(self, tid: int, *, wait: bool = True, signal: int | None = None) -> None:
             self.session.thread_notification("resume", tid)
             self.resumes += 1
             self.session.receive_data(hit)

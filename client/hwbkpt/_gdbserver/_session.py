@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 PACKET_SIZE = 0x4000
 #: How long the session waits for the threads of one ``hold_all`` to stop.
 HOLD_TIMEOUT = 10.0
+# How long a session whose process ended under a request waits for the exit event that
+# carries its status (it follows at once: the daemon reaps the process, then tells).
+GONE_WAIT = 2.0
 _MAX_MEMORY = 0x10000  # bytes per m/M/X (gdb asks for at most PacketSize / 2)
 _PAGE = 4096
 _SIGTRAP = 5
@@ -342,7 +345,7 @@ class GdbSession(ProgramPackets):
         try:
             waiting = set(self.client.hold_all(self.pid))
         except NoSuchProcessError:
-            self.exited = self.exited or "W00"
+            self._await_exit()
             return
         deadline = time.monotonic() + HOLD_TIMEOUT
         next_check = time.monotonic() + 0.2
@@ -421,6 +424,26 @@ class GdbSession(ProgramPackets):
             return
         tid = self.pid if self.pid in self.held else min(self.held, default=self.pid)
         self._report(_Stop(tid, _SIGINT))
+
+    def process_gone(self, err: HwbkptError) -> None:
+        """The daemon said the process has exited while this session was busy with it
+        (``err``). Its ``exit`` event, with the real status, follows: wait for it a
+        little, then tell the debugger if it is waiting for a stop."""
+        log.info("the process has gone: %s", err)
+        self._await_exit()
+        if self.running:
+            self._report_if_stopped()
+
+    def _await_exit(self) -> None:
+        """Set :attr:`exited` from the process's ``exit`` event, which follows when the
+        daemon has said it is gone (W00 if it does not come within ``GONE_WAIT``)."""
+        deadline = time.monotonic() + GONE_WAIT
+        while self.exited is None and time.monotonic() < deadline:
+            event = self.client.next_event(timeout=0.1)
+            if event is not None:
+                self._on_event(event)
+        self.exited = self.exited or "W00"
+        self.held.clear()
 
     def leave(self) -> None:
         """The debugger is gone or left: drop its watches and holds, and finish."""
