@@ -135,15 +135,15 @@ class AsyncClient:
         assert self._stream is not None
         fd = self._stream.socket.fileno()
         self._reading = True
-        waited = False
         try:
             while True:
+                # Wait first: we read because what we need has not arrived, so a read now
+                # would mostly say EAGAIN; bytes already there make this return at once.
+                # notify_closing() (our aclose) wakes it with ClosedResourceError.
+                await trio.lowlevel.wait_readable(fd)
                 try:
                     data = os.read(fd, _RECV_SIZE)
                 except BlockingIOError:
-                    # notify_closing() (our aclose) wakes this with ClosedResourceError.
-                    await trio.lowlevel.wait_readable(fd)
-                    waited = True
                     continue
                 except OSError as err:  # ECONNRESET and the like
                     self._session.connection_lost(f"reading from the socket failed: {err}")
@@ -155,8 +155,6 @@ class AsyncClient:
         finally:
             self._reading = False
             self._arrived.unpark_all()
-        if not waited:
-            await trio.lowlevel.checkpoint()
 
     async def call(self, method: str, /, **params: Any) -> Any:
         """Call ``method`` with named ``params`` and return its result.
