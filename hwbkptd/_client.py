@@ -311,6 +311,15 @@ class ClientHandle:
         if not self._out and not self._writing:
             self._stop_queued_at = None
 
+    def _queue_result(self, msgid: int, result: Any) -> None:
+        """Queue the successful response to request ``msgid`` (as :meth:`_queue_response`).
+
+        Raises ProtocolError if it cannot be encoded.
+        """
+        data = self._conn.send_result(msgid, result)
+        if not self.closing:
+            self._enqueue(data)
+
     def _queue_response(self, response: Response) -> None:
         """Queue a response; never dropped, except that nothing follows ``disconnected``.
 

@@ -312,7 +312,7 @@ class Server:
             response = response_for_error(request.msgid, err)
         else:
             try:
-                client._queue_response(Response(request.msgid, None, result))
+                client._queue_result(request.msgid, result)
                 return
             except ProtocolError as err:
                 # The result cannot be encoded: the daemon's bug, not the client's.
