@@ -9,12 +9,13 @@ in one synchronous ``read``), so cancelling the reading task (``trio.fail_after`
 call) loses no bytes: another waiter takes over the reading.
 
 The socket is read and written with plain non-blocking ``os.read``/``os.write`` on its
-file descriptor, and trio is asked only to wait (``wait_readable``/``wait_writable``) when
-the kernel says ``EAGAIN``. ``SocketStream.send_all`` and ``receive_some`` cost three
-scheduler rounds per call (a checkpoint before, the wait, a checkpoint after); a request
-whose answer has to be waited for needs exactly one, and the rpc bench (issue 13) measured
-the difference as ~40 % of the client's CPU per request. Every call still checkpoints at
-least once, as trio's rules ask.
+file descriptor; trio is asked only to wait: ``wait_readable`` before each read (a task
+reads because what it needs has not arrived yet), ``wait_writable`` when a write meets
+``EAGAIN``. ``SocketStream.send_all`` and ``receive_some`` cost three scheduler rounds
+per call (a checkpoint before, the wait, a checkpoint after); a request whose answer has
+to be waited for needs exactly one, and the rpc bench (issue 13) measured the difference
+as ~40 % of the client's CPU per request. Every call still checkpoints at least once, as
+trio's rules ask.
 """
 
 from __future__ import annotations
