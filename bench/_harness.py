@@ -120,6 +120,13 @@ class Daemon:
             if self.proc is not None:
                 self.proc.kill()
 
+    def cpu_ticks(self) -> int:
+        """User + system CPU the daemon has used so far, in clock ticks (/proc/PID/stat)."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.popen.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of proc(5))
+
     def _start(self) -> None:
         self.proc = Proc([PY, "-m", "hwbkptd._main", "--socket", self.socket,
                           "--log-level", "warning", *self.args], name="hwbkptd",
@@ -546,7 +553,9 @@ class Bench:
                     "p99_us": fig([x["p99"] for x in ref], "us")}
             dm = err or {"round_trips_per_s": fig([x["rate"] for x in dmn], "pairs/s"),
                          "p50_us": fig([x["p50"] for x in dmn], "us"),
-                         "p99_us": fig([x["p99"] for x in dmn], "us")}
+                         "p99_us": fig([x["p99"] for x in dmn], "us"),
+                         "daemon_cpu_us": fig([x["daemon_cpu"] for x in dmn], "us"),
+                         "client_cpu_us": fig([x["client_cpu"] for x in dmn], "us")}
             out["by_clients"][str(k)] = {
                 "reference": reff, "daemon": dm,
                 "ratio": {m: ratio(dm.get(m), reff[m]) for m in reff}}
@@ -555,12 +564,17 @@ class Bench:
 
     def _daemon_rpc(self, pid: int, addr: int, tids: list[int], iters: int,
                     k: int) -> dict[str, float]:
+        ticks = self.d.cpu_ticks()
         with dclient("rpc", {"socket": self.d.socket, "pid": pid, "addr": addr,
                              "tids": tids, "iters": iters, "clients": k}) as c:
             r = result_json(c.expect("result", 600))
             c.wait(10)
+        # The daemon's CPU over the whole client run (its connects and hellos included),
+        # per pair; the client's over its timed loop only (all its clients: one process).
+        daemon_s = (self.d.cpu_ticks() - ticks) / os.sysconf("SC_CLK_TCK")
         return {"rate": r["pairs"] / (r["wall_ns"] / 1e9), "p50": r["p50_ns"] / 1e3,
-                "p99": r["p99_ns"] / 1e3}
+                "p99": r["p99_ns"] / 1e3, "daemon_cpu": daemon_s * 1e6 / r["pairs"],
+                "client_cpu": r["client_cpu_ns"] / 1e3 / r["pairs"]}
 
     # -- 5. threads
     def threads(self) -> dict[str, Any]:
@@ -754,6 +768,10 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                                  ("p50_us", "p50"), ("p99_us", "p99")):
                     yield name, f"{k} client(s): {label}", p["reference"][m], \
                         _d(p, m), p["ratio"][m], ""
+                for m, label in (("daemon_cpu_us", "daemon CPU/pair"),
+                                 ("client_cpu_us", "client process CPU/pair")):
+                    if "median" in (_d(p, m) or {}):
+                        yield name, f"{k} client(s): {label}", None, _d(p, m), None, ""
         elif name == "threads":
             yield name, f"install on {s['params']['threads']} threads", \
                 s["reference"]["install_ms"], _d(s, "install_ms"), \

@@ -118,6 +118,9 @@ class ClientHandle:
         self.reading = True  # False after a protocol error: what follows is not read
         self._writing = False  # the writer task has a batch in flight
         self._corked = False  # hold writes until uncork() (a batch of hits is being made)
+        # The last read_some() took everything the socket held (a short read): the reader
+        # waits for more instead of reading again only to hear EAGAIN.
+        self.drained = False
         self.events_sent = 0
         self.events_dropped = 0
         self._server_counters: Counters | None = None
@@ -274,6 +277,7 @@ class ClientHandle:
             return None
         if not data:
             return None
+        self.drained = len(data) < _RECV_SIZE
         try:
             self.reading = self._on_data(data)
         except Exception:
@@ -281,6 +285,11 @@ class ClientHandle:
             self.reading = False
             self.disconnect("the daemon failed handling what this client sent (a bug; see its log)")
         return True if self.reading else None
+
+    @property
+    def corked(self) -> bool:
+        """True between :meth:`cork` and :meth:`uncork`."""
+        return self._corked
 
     def cork(self) -> None:
         """Hold what is sent from now on until :meth:`uncork`, to write it as one batch."""
@@ -301,6 +310,15 @@ class ClientHandle:
         self._write_now(data, events, control)
         if not self._out and not self._writing:
             self._stop_queued_at = None
+
+    def _queue_result(self, msgid: int, result: Any) -> None:
+        """Queue the successful response to request ``msgid`` (as :meth:`_queue_response`).
+
+        Raises ProtocolError if it cannot be encoded.
+        """
+        data = self._conn.send_result(msgid, result)
+        if not self.closing:
+            self._enqueue(data)
 
     def _queue_response(self, response: Response) -> None:
         """Queue a response; never dropped, except that nothing follows ``disconnected``.

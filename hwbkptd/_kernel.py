@@ -384,6 +384,11 @@ _ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong
 _ptrace.restype = ctypes.c_long
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+# syscall(2) is variadic, so its arguments are passed as typed ctypes values; the constant
+# ones of perf_event_open are made once (a watch request opens one event per thread).
+_NR_PERF_EVENT_OPEN: Final = ctypes.c_long(SYS_perf_event_open)
+_C_ANY: Final = ctypes.c_int(-1)  # cpu -1 (any), group_fd -1 (none)
+_C_CLOEXEC: Final = ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)
 
 
 def _raw_ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
@@ -930,12 +935,18 @@ def _perf_attr(
     # arch_build_bp_info in arch/x86/kernel/hw_breakpoint.c); our API says length 1.
     bp_len = 8 if access is Access.EXECUTE else length
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    struct.pack_into("IIQQQQQ", attr, 0, PERF_TYPE_BREAKPOINT, _ATTR_SIZE, 0,
-                     sample_period, sample_type, 0, flags)  # fmt: skip
-    struct.pack_into("IIQQ", attr, 48, wakeup_events, _BP_TYPE[access], addr, bp_len)
-    struct.pack_into("i", attr, 92, _CLOCK_MONOTONIC)  # clockid, read with use_clockid
-    struct.pack_into("Q", attr, 120, sig_data & _U64)
+    # One precompiled pack per open (a watch request opens one event per thread; four
+    # pack_into calls with format strings were measurable there, issue 13).
+    _ATTR_LAYOUT.pack_into(attr, 0, PERF_TYPE_BREAKPOINT, _ATTR_SIZE, 0, sample_period,
+                           sample_type, 0, flags, wakeup_events, _BP_TYPE[access], addr,
+                           bp_len, _CLOCK_MONOTONIC, sig_data & _U64)  # fmt: skip
     return attr
+
+
+# struct perf_event_attr (include/uapi/linux/perf_event.h) as far as sig_data: type, size,
+# config, sample_period, sample_type, read_format, flags (offset 40), wakeup_events,
+# bp_type, bp_addr, bp_len (48..71), clockid (92, read with use_clockid), sig_data (120).
+_ATTR_LAYOUT: Final = struct.Struct("=IIQQQQQIIQQ20xi24xQ")
 
 
 class BreakpointEvent:
@@ -992,24 +1003,16 @@ class BreakpointEvent:
         self._ring: mmap.mmap | None = None
         self._presumed = 0  # losses settle() reported that no LOST record has matched yet
         self._settle_count = -1
-        what = f"set a {length}-byte {access.value} breakpoint at {addr:#x} on thread {tid}"
         attr = _perf_attr(addr, length, access, mode, sig_data, max(1, wakeup), bpf is not None)
         if bpf is not None:
             struct.pack_into("Q", attr, 40, struct.unpack_from("Q", attr, 40)[0] | _ATTR_DISABLED)
-        fd = _syscall(
-            ctypes.c_long(SYS_perf_event_open),
-            attr,
-            ctypes.c_int(tid),
-            ctypes.c_int(-1),
-            ctypes.c_int(-1),
-            ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC),
-        )
+        fd = _syscall(_NR_PERF_EVENT_OPEN, attr, ctypes.c_int(tid), _C_ANY, _C_ANY, _C_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
             err = OSError(code, os.strerror(code))
             if bpf is not None:
                 bpf.close()
-            raise _translate_errno(err, what, who=("thread", tid)) from err
+            raise _translate_errno(err, self._what(), who=("thread", tid)) from err
         self.fd: int = fd
         self.bpf = bpf
         if mode is Mode.NOTIFY:
@@ -1024,7 +1027,7 @@ class BreakpointEvent:
                         continue
                     self.close()
                     raise _translate_errno(
-                        err, f"{what} (its sample ring could not be mapped)"
+                        err, f"{self._what()} (its sample ring could not be mapped)"
                     ) from err
             self.ring_pages = pages
         if bpf is not None:
@@ -1034,8 +1037,15 @@ class BreakpointEvent:
             except OSError as err:
                 self.close()
                 raise _translate_errno(
-                    err, f"{what} (its condition program could not be attached)"
+                    err, f"{self._what()} (its condition program could not be attached)"
                 ) from err
+
+    def _what(self) -> str:
+        """What opening this event does, in the user's terms (for error messages only)."""
+        return (
+            f"set a {self.length}-byte {self.access.value} breakpoint at {self.addr:#x} "
+            f"on thread {self.tid}"
+        )
 
     def fileno(self) -> int:
         return self.fd

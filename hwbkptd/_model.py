@@ -38,6 +38,11 @@ class Access(enum.Enum):
     WRITE = "w"
     READWRITE = "rw"
 
+    # Members are singletons compared by identity, so identity is a valid hash; Enum's own
+    # __hash__ is a Python function (hash(self._name_)), and every Spec lookup in the
+    # engine's slot tables hashes an Access (issue 13 profile).
+    __hash__ = object.__hash__
+
 
 class Mode(enum.IntEnum):
     """What a hit does, ordered by strength: a shared slot is configured for the maximum."""

@@ -227,8 +227,11 @@ class Server:
 
         Reading the socket directly (it is non-blocking) makes a ``resume`` in a hit loop
         cost one wake-up of this task, where ``receive_some`` added a scheduling round
-        after every read. Fairness: after a read that did not have to wait this task
-        yields once, so a client that never stops sending cannot starve the others.
+        after every read. A read that came back short took all the socket held, so the
+        next step is to wait, not a read that would only say ``EAGAIN`` (one system call
+        and a round of Python per request, issue 13). Fairness: after a read that did not
+        have to wait this task yields once, so a client that never stops sending cannot
+        starve the others.
         """
         waited = True
         while True:
@@ -238,7 +241,7 @@ class Server:
                     return  # the peer hung up
                 # A protocol error: stop reading; the writer flushes the error and hangs up.
                 await trio.sleep_forever()
-            if not got:
+            if not got or client.drained:
                 await trio.lowlevel.wait_readable(client._fd)
                 waited = True
                 continue
@@ -248,7 +251,22 @@ class Server:
 
     def _handle_data(self, client: ClientHandle, data: bytes) -> bool:
         """Run every complete message in ``data`` (and what came before); ``False`` after
-        a protocol error, when the connection must not be read any more."""
+        a protocol error, when the connection must not be read any more.
+
+        The client is corked meanwhile, so the answers to every request of one read leave
+        in one write, in order (a client that sends several requests at once gets them
+        back together; a lone request costs the same one write as before). A connection
+        the tracer has corked already stays the tracer's to uncork.
+        """
+        if client.corked:
+            return self._handle_messages(client, data)
+        client.cork()
+        try:
+            return self._handle_messages(client, data)
+        finally:
+            client.uncork()
+
+    def _handle_messages(self, client: ClientHandle, data: bytes) -> bool:
         conn = client._conn
         try:
             conn.receive_data(data)
@@ -294,7 +312,7 @@ class Server:
             response = response_for_error(request.msgid, err)
         else:
             try:
-                client._queue_response(Response(request.msgid, None, result))
+                client._queue_result(request.msgid, result)
                 return
             except ProtocolError as err:
                 # The result cannot be encoded: the daemon's bug, not the client's.

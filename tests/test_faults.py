@@ -407,7 +407,24 @@ def test_stop_timeout_disconnects_a_client_that_does_not_read(
         what="the slow client's queue to back up",
     )
     slow.request("watch", pid=proc.pid, addr=addr, mode="stop")  # its reply is never read
-    wait_until(lambda: proc_state(proc.pid) == "t", what="the stop")
+
+    def held_for_slow() -> bool:
+        # Not just state "t": the slot's change from notify to stop mode first interrupts
+        # the running thread for a moment (_stops.py, _reopen_later), and a loaded machine
+        # makes that stop long enough to be seen here.
+        st = other.status()
+        slow_id = next((c["id"] for c in st["clients"] if c["name"] == "slow"), None)
+        return slow_id is not None and any(
+            slow_id in t["held_by"]
+            for tg in st["targets"]
+            if tg["pid"] == proc.pid
+            for t in tg["threads"]
+            if t["tid"] == proc.pid
+        )
+
+    wait_until(
+        lambda: proc_state(proc.pid) == "t" and held_for_slow(), what="the stop, held for slow"
+    )
     t0 = time.monotonic()
     wait_until(lambda: proc_state(proc.pid) != "t", 10.0, "the stop to be released")
     held = time.monotonic() - t0

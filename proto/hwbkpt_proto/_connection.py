@@ -73,7 +73,7 @@ from typing import Any, NoReturn, TypeVar
 import msgpack
 
 from hwbkpt_proto._errors import ProtocolError
-from hwbkpt_proto._messages import Limits, Message, encode, from_wire
+from hwbkpt_proto._messages import Limits, Message, encode, encode_result, from_wire
 
 __all__ = ["Connection"]
 
@@ -335,10 +335,22 @@ class Connection:
         larger than ``max_message_size`` (the peer would refuse it). Works even after a
         receive failure, so an ``EPROTO`` answer can still be sent before closing.
         """
-        data = encode(message, positional=self.positional)
+        return self._within_limit(encode(message, positional=self.positional), message)
+
+    def send_result(self, msgid: int, result: Any) -> bytes:
+        """The bytes of the successful response ``Response(msgid, None, result)`` to a
+        request received on this connection (its ``msgid`` is checked already); what
+        :meth:`send` would return for it, without building the message first.
+
+        Raises :class:`ProtocolError` as :meth:`send` does.
+        """
+        return self._within_limit(encode_result(msgid, result), "Response")
+
+    def _within_limit(self, data: bytes, message: Message | str) -> bytes:
         if len(data) > self.limits.max_message_size:
+            kind = message if isinstance(message, str) else type(message).__name__
             raise ProtocolError(
-                f"{type(message).__name__} encodes to {len(data)} bytes, over the "
+                f"{kind} encodes to {len(data)} bytes, over the "
                 f"{self.limits.max_message_size}-byte message limit; ask for less at a time"
             )
         return data

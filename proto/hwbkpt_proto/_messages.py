@@ -38,6 +38,7 @@ __all__ = [
     "Request",
     "Response",
     "encode",
+    "encode_result",
     "from_wire",
     "response_for_error",
 ]
@@ -275,6 +276,20 @@ def encode(message: Message, *, positional: bool = False) -> bytes:
         data: bytes = msgpack.packb(wire, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as err:
         raise ProtocolError(f"cannot encode {type(message).__name__}: {err}") from err
+    return data
+
+
+def encode_result(msgid: int, result: Any) -> bytes:
+    """The bytes of ``Response(msgid, None, result)``, for a ``msgid`` that came from a
+    decoded request (so already checked): a server answers every request, and building
+    and checking the message object first cost as much as encoding it (issue 13).
+
+    Raises :class:`ProtocolError` if ``result`` cannot be encoded.
+    """
+    try:
+        data: bytes = msgpack.packb([_RESPONSE, msgid, None, result], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ProtocolError(f"cannot encode Response: {err}") from err
     return data
 
 
