@@ -224,6 +224,17 @@ class Connection:
 
     # -- receiving ---------------------------------------------------------------------
 
+    @property
+    def idle(self) -> bool:
+        """True when every byte received has been decoded and taken (no partial message,
+        none parsed ahead) and receiving has not failed: the next byte starts a message."""
+        return (
+            not self._pending
+            and self._fed == self._start
+            and not self._ready
+            and self._failure is None
+        )
+
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes read from the peer.
 
