@@ -18,7 +18,8 @@ only:
   *plain* (``ok``) when an advance of it makes no event but those ``stop`` events: no
   condition, and no notify watch on a stop-mode slot (that would be a ``hit`` event);
 * a *stopped* thread held in the plain way (a resume of it is ``_resume_now``'s plain
-  ``CONT`` with signal 0) with its holders.
+  ``CONT`` with signal 0) with its holders; once resumed, its next SIGTRAP stop is as
+  plain as a running thread's.
 
 The table is built again at every call, from the records themselves, so it can never be
 stale: nothing in the engine runs while the compiled round does (it holds the GIL and runs
@@ -69,12 +70,16 @@ class PreparedStops:
             if not self._plain(thread):
                 continue
             if thread.state is ThreadState.RUNNING and not thread.holds:
-                slots = tuple(self._fast_slot(s, max_stops) for s in thread.slots.values())
-                if any(s[2] for s in slots):
-                    table.append((thread.tid, thread.pid, (), slots, True))
+                holds: tuple[int, ...] = ()
             elif thread.state is ThreadState.STOPPED and thread.holds:
-                slots = tuple(self._fast_slot(s, max_stops) for s in thread.slots.values())
-                table.append((thread.tid, thread.pid, tuple(thread.holds), slots, False))
+                holds = tuple(thread.holds)
+            else:
+                continue
+            slots = tuple(self._fast_slot(s, max_stops) for s in thread.slots.values())
+            # A held thread resumed by the round runs on as planned: its next stop too.
+            traps = any(s[2] for s in slots)
+            if traps or holds:
+                table.append((thread.tid, thread.pid, holds, slots, traps))
         return table
 
     def _plain(self, thread: ThreadRec) -> bool:

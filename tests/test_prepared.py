@@ -68,7 +68,7 @@ def test_a_held_thread_is_planned_with_its_holders_until_a_step_is_asked() -> No
     assert h.kernel.hit(tid, X.addr, 8)
     h.settle()
     ((_, _, holds, _, trap_ok),) = h.engine.fast_table(32)
-    assert (sorted(holds), trap_ok) == ([1, 2], False)
+    assert (sorted(holds), trap_ok) == ([1, 2], True)
     h.engine.step(1, tid)
     assert h.engine.fast_table(32) == []  # its resume is a single step: the engine's
 
