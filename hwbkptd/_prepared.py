@@ -66,7 +66,15 @@ class PreparedStops:
         if self._park:
             return []  # parking moves every stop to an interrupt stop first: the engine's
         table: list[FastThread] = []
-        for thread in self._threads.values():
+        # Only processes with a stop watch can have a thread to plan: the table is built
+        # at every wake-up of the tracer, which must stay cheap for 1,000 counting threads.
+        threads = [
+            thread
+            for target in self.targets.values()
+            if any(w.mode is Mode.STOP for w in target.watches.values())
+            for thread in target.threads.values()
+        ]
+        for thread in threads:
             if not self._plain(thread):
                 continue
             if thread.state is ThreadState.RUNNING and not thread.holds:

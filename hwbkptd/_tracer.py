@@ -417,19 +417,18 @@ class Tracer:
                 fast = self.fastpath is not None
                 while True:
                     stops = self.engine.counters["stops_reported"]
-                    if fast:
-                        # The compiled round takes the SIGCHLD and the stop that woke us
-                        # (it drains the signalfd itself), then waits no longer.
-                        self._fast_loop(signals, 0.0)
+                    # The compiled round, when it has something to serve, takes the SIGCHLD
+                    # and the stop that woke us (it drains the signalfd itself) and waits
+                    # no longer. Otherwise: drain the signals first, then waitpid: a
+                    # SIGCHLD that comes after makes the fd readable again, so no status
+                    # is ever left waiting.
+                    if not (fast and self._fast_loop(signals, 0.0)):
+                        signals.drain()
                     with self.batch():
                         self.drain_waits()
                     if self.engine.counters["stops_reported"] != stops:
                         self._hot_loop(signals)
                     await trio.lowlevel.wait_readable(signals.fd)
-                    if not fast:
-                        # Drain the signals first, then waitpid: a SIGCHLD that comes after
-                        # makes the fd readable again, so no status is ever left waiting.
-                        signals.drain()
                     self.wakeups += 1
         finally:
             signals.close()
@@ -441,8 +440,7 @@ class Tracer:
         is ready in place, for as long as something comes within HOT_WAIT, but no longer
         than HOT_BUDGET in all; then trio's other tasks get their turn.
         """
-        if self.fastpath is not None:
-            self._fast_loop(signals, HOT_WAIT)
+        if self.fastpath is not None and self._fast_loop(signals, HOT_WAIT):
             return
         poll = self._hot.poll
         deadline = time.monotonic() + HOT_BUDGET
@@ -470,11 +468,14 @@ class Tracer:
                 # Hung up or not to be read: its reader task finds out.
                 self.remove_reader(fd)
 
-    def _fast_loop(self, signals: _kernel.ChildSignals, wait: float) -> None:
+    def _fast_loop(self, signals: _kernel.ChildSignals, wait: float) -> bool:
         """The hot loop with its plain rounds compiled (module docstring): each call of the
         extension serves what the engine's table allows, waiting up to ``wait`` seconds
         for each next event, and returns what it did and what it left; the engine takes
-        the report, then the rest is handled here; until nothing came, or HOT_BUDGET."""
+        the report, then the rest is handled here; until nothing came, or HOT_BUDGET.
+        Returns False, having done nothing, when the table is empty from the start (no
+        stop watch anywhere: the Python loop serves that as well, with no table to build
+        per wake-up)."""
         assert self.fastpath is not None
         run = self.fastpath.run
         max_stops = self.fastpath.MAX_STOPS
@@ -483,14 +484,18 @@ class Tracer:
         epfd = self._hot.fileno()
         wait_ms = round(wait * 1000)
         deadline = time.monotonic_ns() + int(HOT_BUDGET * 1e9)
+        first = True
         while True:
             budget = deadline - time.monotonic_ns()
             if budget <= 0:
-                return
+                return True
             threads = [
                 (tid, pid, holds, tuple((fd_of(h), *rest) for h, *rest in slots), trap_ok)
                 for tid, pid, holds, slots, trap_ok in engine.fast_table(max_stops)
             ]
+            if first and not threads:
+                return False
+            first = False
             clients = [
                 (cid, fd) for cid, client in self.clients.items() if (fd := client.fast_fd()) >= 0
             ]
@@ -515,7 +520,7 @@ class Tracer:
                     stops, why, handed, ready_fd,
                 )
             if why in ("idle", "budget"):
-                return
+                return True
 
     async def _rings(self) -> None:
         epoll = self.port.epoll
