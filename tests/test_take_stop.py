@@ -57,6 +57,8 @@ def _raw(params: list[Any]) -> bytes:
     [
         stop() + stop(),  # two messages: one at a time, by the general path
         stop()[:-1],  # not whole
+        stop()[:7],  # the head alone
+        stop()[:8],
         encode(Notification("stop", {"pid": 1, "tid": 1, "watches": [], "reason": "watch",
                                      "regs": REGS})),  # version 1: a map
         _raw([1, 1, [True], "watch", REGS]),  # a bool is not a watch id

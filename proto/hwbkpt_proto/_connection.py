@@ -88,6 +88,7 @@ _T = TypeVar("_T")
 # values]]: fixarray 3, 2, fixstr "stop"), the most one can weigh (8 values, 4 KiB of
 # watches, the 216-byte regs), and the optional values after ``regs``.
 _STOP_HEAD = b"\x93\x02\xa4stop"
+_STOP_ARRAYS = frozenset(range(0x95, 0x99))  # fixarray of 5 to 8 values
 _STOP_MAX = 8192
 _STOP_MORE = POSITIONAL["stop"][5:]
 _INT = frozenset({int})
@@ -256,7 +257,12 @@ class Connection:
         (issue 13: the library's CPU per stop). Anything unusual — another message, more
         than one, a wrong type anywhere — takes the general path, which names the error.
         """
-        if not data.startswith(_STOP_HEAD) or len(data) > _STOP_MAX or not self.idle:
+        if (
+            not data.startswith(_STOP_HEAD)
+            or not 8 <= len(data) <= _STOP_MAX
+            or data[7] not in _STOP_ARRAYS  # version 1's [map] would be decoded twice
+            or not self.idle
+        ):
             return None
         try:
             obj = _unpackb(data, raw=False)
