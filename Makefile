@@ -7,9 +7,11 @@ STAMP := $(VENV)/.installed
 SOCKET ?= /run/hwbkptd/hwbkptd.sock
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck pytest bench deps install clean
+.PHONY: run test lint typecheck pytest pytest-pure bench deps build-deps install clean
 
-$(STAMP): pyproject.toml
+# `pip install -e .` compiles the stop round (hwbkptd/_fastpath.c): it needs a C compiler
+# and the headers of the Python that runs the venv.
+$(STAMP): pyproject.toml hwbkptd/_fastpath.c | build-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -18,6 +20,16 @@ $(STAMP): pyproject.toml
 # Debian tools the suite needs: a C compiler for the target programs and the reference
 # tracers, systemd-analyze / systemd-socket-activate for the unit tests, gdb for the
 # gdbserver tests, lldb-19 for the lldb ones, Debian's gdbserver as the bench's reference.
+build-deps:
+	@missing=""; \
+	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	$(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+		|| missing="$$missing python3-dev"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
 deps:
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
@@ -44,6 +56,10 @@ pytest: $(STAMP) deps
 
 test: lint typecheck pytest
 
+# The suite again with the compiled stop round switched off (CI runs both: .ci/run).
+pytest-pure: $(STAMP) deps
+	HWBKPT_PURE=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
+
 bench: $(STAMP) deps
 	$(PY) -m bench
 
@@ -55,4 +71,4 @@ install: $(STAMP)
 	install -D -m 0644 systemd/hwbkptd.tmpfiles /usr/lib/tmpfiles.d/hwbkptd.conf
 
 clean:
-	rm -rf $(VENV) build *.egg-info tests/_build bench/_build
+	rm -rf $(VENV) build *.egg-info tests/_build bench/_build hwbkptd/*.so

@@ -89,6 +89,18 @@ def fig(values: list[float], unit: str) -> dict[str, Any]:
             "unit": unit, "runs": values}
 
 
+def _cpu_ns(pid: int) -> int:
+    """CPU time (ns) of every thread of process ``pid`` so far (/proc/PID/task/*/schedstat:
+    ns resolution, where /proc/PID/stat counts clock ticks of 10 ms)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just exited
+    return total
+
+
 def ratio(daemon: dict[str, Any] | None, ref: dict[str, Any] | None) -> float | None:
     if not daemon or not ref or "median" not in daemon or not ref.get("median"):
         return None
@@ -232,6 +244,7 @@ class Bench:
         self.out = out
         self._base: dict[str | None, list[float]] = {}
         self._stop_cpu: list[float] = []  # the stop client's CPU per stop, per daemon run
+        self._daemon_cpu: list[float] = []  # the daemon's CPU per stop, per daemon run
 
     def baseline(self, pin: str | None) -> list[float]:
         """ns/write of the target with no watch, measured once per placement."""
@@ -358,9 +371,13 @@ class Bench:
             with self.d.pinned(pin):
                 for k in (1, 2):
                     self._stop_cpu = []
+                    self._daemon_cpu = []
                     d = self.daemon_runs(self.s.runs, partial(self._daemon_stop, n, k, pin))
                     dmn[f"clients{k}_per_hit_ns"] = d if isinstance(d, dict) else fig(
                         [x - base for x in d], "ns")
+                    if not isinstance(d, dict):
+                        # CPU of the daemon process per stop (watch set-up included).
+                        dmn[f"daemon_cpu{k}_per_stop_ns"] = fig(self._daemon_cpu, "ns")
                     if k == 1 and not isinstance(d, dict):
                         dmn["client_cpu_per_stop_ns"] = fig(self._stop_cpu, "ns")
             for version in (1, 2):
@@ -401,7 +418,9 @@ class Bench:
             p = {"socket": self.d.socket, "pid": pid, "addr": addr}
             return [(dclient("stop", p, pin), "result", False) for _ in range(k)]
 
+        cpu0 = _cpu_ns(self.d.proc.pid)
         ns, res = gated_run(n, sides, pin, 300)
+        self._daemon_cpu.append((_cpu_ns(self.d.proc.pid) - cpu0) / n)
         for r in res:
             if (got := result_json(r)["stops"]) != n:
                 raise BenchError(f"a stop client saw {got} stop events, the target hit {n}")
@@ -755,6 +774,10 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                     yield name, f"{place}: 1 client vs Python floor ({label})", \
                         r[f"{m}_per_hit_ns"], d["clients1_per_hit_ns"], \
                         q[f"one_client_vs_{m}"], ""
+                for k in (1, 2):
+                    if f"daemon_cpu{k}_per_stop_ns" in d:
+                        yield name, f"{place}: {k} client{'s' * (k > 1)}: daemon CPU/stop", \
+                            None, d[f"daemon_cpu{k}_per_stop_ns"], None, ""
                 if "client_cpu_per_stop_ns" in d:
                     yield name, f"{place}: 1 client: client process CPU/stop", None, \
                         d["client_cpu_per_stop_ns"], None, ""

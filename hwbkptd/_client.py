@@ -278,13 +278,61 @@ class ClientHandle:
         if not data:
             return None
         self.drained = len(data) < _RECV_SIZE
+        self._handle(data)
+        return True if self.reading else None
+
+    def _handle(self, data: bytes) -> None:
+        """Have bytes read from the socket handled (a failing handler disconnects)."""
         try:
             self.reading = self._on_data(data)
         except Exception:
             log.exception("%r: handling what it sent failed", self)
             self.reading = False
             self.disconnect("the daemon failed handling what this client sent (a bug; see its log)")
-        return True if self.reading else None
+
+    # -- the compiled stop round (hwbkptd/_fastpath.c) ----------------------------------
+
+    def fast_fd(self) -> int:
+        """The socket the compiled stop round may write ``stop`` events to and read
+        ``resume`` notifications from directly, or -1. Only a connection with nothing
+        between it and the socket qualifies: protocol 2, nothing queued or being written,
+        no hits lost to report, no bytes received and not yet decoded, not closing."""
+        if (
+            self.protocol_version < 2
+            or not self.reading
+            or self.closing
+            or self._out
+            or self._writing
+            or self._corked
+            or self._lost
+            or not self._conn.idle
+        ):
+            return -1
+        return self._fd
+
+    def fast_report(
+        self, resumes: int, sent: int, unsent: bytes | None, unread: bytes | None
+    ) -> None:
+        """What the compiled stop round did on this connection, after the engine took its
+        report: ``resumes`` taken (calls, in the server's counters), ``sent`` ``stop``
+        events written whole, ``unsent`` the rest of one the socket did not take (queued
+        for the writer, as :meth:`_write_now` queues it), ``unread`` bytes it read that
+        are not plain resumes (handled now, in order, as :meth:`read_some` would)."""
+        if sent:
+            self.events_sent += sent
+            if self._server_counters is not None:
+                self._server_counters.events_sent += sent
+        if resumes and self._server_counters is not None:
+            self._server_counters.requests += resumes
+        if unsent is not None:
+            self._out.append(unsent)
+            self._queued_events += 1
+            self._queued_control += 1
+            if self._stop_queued_at is None:
+                self._stop_queued_at = trio.current_time()
+            self._wakeup.unpark_all()
+        if unread is not None:
+            self._handle(unread)
 
     @property
     def corked(self) -> bool:

@@ -51,6 +51,7 @@ from hwbkpt_proto import (
 from hwbkptd._alloc import CAPACITY, Want, choose
 from hwbkptd._cond import Condition
 from hwbkptd._model import Mode, Spec
+from hwbkptd._prepared import PreparedStops
 from hwbkptd._records import (
     FILTER_HITS,
     FILTER_LAST_NEW,
@@ -85,7 +86,7 @@ log = logging.getLogger(__name__)
 MAX_NOTIFY_CONDITIONS = 64
 
 
-class Engine(StopHandling, SignalHandling):
+class Engine(StopHandling, SignalHandling, PreparedStops):
     """All daemon state that is not I/O. See the module docstring."""
 
     def __init__(
@@ -121,6 +122,9 @@ class Engine(StopHandling, SignalHandling):
         self.on_trap_hook: Callable[[ThreadRec, set[Spec], set[int]], dict[int, int]] | None = None
         self.interest_hook: Callable[[int], bool] | None = None
         self.forget_hook: Callable[[int, Iterable[int]], None] | None = None
+        # Whether on_trap_hook has work at a trap of this thread (the compiled stop round
+        # leaves such threads to the engine: hwbkptd/_prepared.py).
+        self.trap_hook_wants: Callable[[int], bool] | None = None
 
     def add_client(self, cid: int) -> None:
         self._clients[cid] = ClientRec(cid)
@@ -872,14 +876,7 @@ class Engine(StopHandling, SignalHandling):
             now = self._port.read_count(slot.handle)
         except NoSuchProcessError:
             return []
-        credited: list[WatchRec] = []
-        delta = now - slot.last
-        if delta > 0:
-            slot.last = now
-            for watch in slot.watches:
-                if watch.condition is None:
-                    watch.count += delta
-                    credited.append(watch)
+        credited = self._credit(slot, now)
         if slot.filtered:
             # Read even when the event's counter did not move: the kernel counts the hit
             # before the program runs (perf_swevent_event, then the overflow handler), so a

@@ -58,6 +58,15 @@ Kernel facts this module relies on, each checked by a test in ``tests/test_kerne
   to RLIMIT_MEMLOCK unless the caller has CAP_IPC_LOCK (perf_mmap, kernel/events/core.c);
   past both the mmap fails with EPERM, and a smaller ring is tried.
 
+The second place: the compiled stop round (``hwbkptd/_fastpath.c``, issue 13) makes the
+same calls this module makes for one plain stop-mode hit — ``waitpid``, the signalfd's
+``read``, ``PTRACE_GETSIGINFO``, ``read`` of a slot's counter, ``PTRACE_GETREGS``,
+``PTRACE_CONT`` with signal 0 — because at native speed the round cannot come back into
+Python per system call (issue 13 measured the interpreter as most of a stop's cost). It
+translates no errno: any failure hands the status back to the engine, which repeats the
+call through this module and gets its error here. It runs in the tracer thread, like
+everything below.
+
 Errors: every OSError is translated into the project's exception hierarchy in one place,
 :func:`_translate_errno` (applied by the ``@_oserrors`` decorator), keeping the cause.
 

@@ -38,6 +38,7 @@ class RawDebugRegisters:
         engine.on_trap_hook = self._on_trap
         engine.interest_hook = self._interested
         engine.forget_hook = self._forget
+        engine.trap_hook_wants = self._wants_trap
 
     # --- requests ---------------------------------------------------------------------
 
@@ -138,6 +139,10 @@ class RawDebugRegisters:
             vdr.record_trap(slots, cid in stepped)
             out[cid] = vdr.dr6()
         return out
+
+    def _wants_trap(self, tid: int) -> bool:
+        # Any client's virtual registers on the thread: its DR6 is updated at every trap.
+        return any(t == tid for _, t in self._vdrs)
 
     def _interested(self, pid: int) -> bool:
         # Registers a client has touched keep their process managed until the client goes

@@ -37,7 +37,7 @@ from hwbkptd._rawdr import RawDebugRegisters
 from hwbkptd._region import split_region
 from hwbkptd._server import ClientHandle
 from hwbkptd._signals import MAX_SIGNAL
-from hwbkptd._tracer import KernelPort, Tracer
+from hwbkptd._tracer import KernelPort, Tracer, load_fastpath
 
 __all__ = ["EngineBackend", "Params"]
 
@@ -187,9 +187,13 @@ class EngineBackend:
             int1_faults=self.platform["int1"] == "fault",
             bpf=self.no_bpf is None,
         )
-        self.tracer = Tracer(self.engine, self.port, batch=self._batch)
-        self.rawdr = RawDebugRegisters(self.engine)
         self._clients: dict[int, ClientHandle] = {}
+        self.fastpath, self.fastpath_state = load_fastpath()
+        self.tracer = Tracer(
+            self.engine, self.port, batch=self._batch, clients=self._clients,
+            fastpath=self.fastpath,
+        )
+        self.rawdr = RawDebugRegisters(self.engine)
         self._peers: dict[int, Peer] = {}
         self._fds: dict[int, int] = {}  # client id -> its socket, read by the tracer's hot loop
         self._corked: dict[int, ClientHandle] | None = None  # during a batch (_batch)
@@ -247,7 +251,12 @@ class EngineBackend:
             "targets": self.engine.status(),
             "conditions": "bpf" if self.no_bpf is None else f"ptrace: {self.no_bpf}",
             "counters": dict(self.engine.counters)
-            | {"sigchld_wakeups": self.tracer.wakeups, "hot_rounds": self.tracer.hot_rounds},
+            | {
+                "sigchld_wakeups": self.tracer.wakeups,
+                "hot_rounds": self.tracer.hot_rounds,
+                "fast_rounds": self.tracer.fast_rounds,
+            },
+            "fastpath": self.fastpath_state,
             "platform": self.platform
             | {"notify_ring_kib": self.port.ring_pages * PAGE_SIZE // 1024},
             "clients": {

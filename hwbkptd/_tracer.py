@@ -28,6 +28,14 @@ when nothing came within ``HOT_WAIT`` or after ``HOT_BUDGET``, so new connection
 and writers of full sockets wait at most that long. It waits in ``epoll_wait``; it never
 spins.
 
+*Compiled stop round* (issue 13). Where the extension ``hwbkptd._fastpath`` is built and
+``HWBKPT_PURE`` is not set, the hot loop's waiting and its plain rounds run compiled
+(:meth:`Tracer._fast_loop`): before each call the engine writes down what it would do
+(:meth:`hwbkptd._prepared.PreparedStops.fast_table`), the extension executes that and
+reports back, and whatever it did not serve — a status of another kind, a message that is
+not a plain ``resume``, a ring, another socket — is handled here as before, after the engine
+has taken the report. With ``HWBKPT_PURE=1`` everything runs the Python path below.
+
 :class:`KernelPort` is the engine's view of the kernel layer; it adds what is policy rather
 than syscall (e.g. explaining an ``EPERM`` from ``PTRACE_SEIZE`` as "already traced by …").
 """
@@ -35,19 +43,22 @@ than syscall (e.g. explaining an ``EPERM`` from ``PTRACE_SEIZE`` as "already tra
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import select
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
+from types import ModuleType
 
 import trio
 
 from hwbkpt_proto import BusyError, HwbkptError, NoSuchProcessError, PermissionDeniedError
 from hwbkptd import _kernel
 from hwbkptd._bpf import WORD_DROPPED, WORD_OLD, Emulator, generate
+from hwbkptd._client import ClientHandle
 from hwbkptd._engine import Engine, SigInfo
 from hwbkptd._model import Mode, Spec
 from hwbkptd._records import FILTER_HITS, Filter
@@ -74,6 +85,19 @@ NOTIFY_WAKEUP = 512
 # the writers of full sockets) waiting.
 HOT_WAIT = 0.001
 HOT_BUDGET = 0.005
+
+
+def load_fastpath() -> tuple[ModuleType | None, str]:
+    """The compiled stop round, or ``None`` and why not (``HWBKPT_PURE=1``, or the
+    extension was not built: then the daemon logs a warning and runs the pure path)."""
+    if os.environ.get("HWBKPT_PURE", "") not in ("", "0"):
+        return None, "off (HWBKPT_PURE is set)"
+    try:
+        from hwbkptd import _fastpath  # type: ignore[attr-defined]
+    except ImportError as err:
+        log.warning("the compiled stop round is not built (%s): running the pure path", err)
+        return None, f"off (not built: {err})"
+    return _fastpath, "on"
 
 
 def _pow2_floor(n: int) -> int:
@@ -209,6 +233,12 @@ class KernelPort:
         assert isinstance(handle, _kernel.BreakpointEvent)
         return handle.read_count()
 
+    @staticmethod
+    def fd_of(handle: object) -> int:
+        """The counter's fd, which the compiled stop round reads (not an engine call)."""
+        assert isinstance(handle, _kernel.BreakpointEvent)
+        return handle.fd
+
     def read_filter(self, handle: object) -> tuple[int, ...]:
         assert isinstance(handle, _kernel.BreakpointEvent)
         if handle.bpf is not None:
@@ -298,14 +328,21 @@ class Tracer:
         engine: Engine,
         port: KernelPort,
         batch: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+        clients: Mapping[int, ClientHandle] | None = None,
+        fastpath: ModuleType | None = None,
     ) -> None:
         """``batch()`` wraps each round of work, so that the events one wake-up produces
-        reach each client in one write (the server corks its connections)."""
+        reach each client in one write (the server corks its connections). ``clients``:
+        the connections by client id, and ``fastpath`` the compiled stop round
+        (:func:`load_fastpath`), used only with both."""
         self.engine = engine
         self.port = port
         self.batch = batch
+        self.clients: Mapping[int, ClientHandle] = clients if clients is not None else {}
+        self.fastpath = fastpath if clients is not None else None
         self.wakeups = 0
         self.hot_rounds = 0  # rounds served by the hot loop, without trio (status counter)
+        self.fast_rounds = 0  # of which compiled (status counter)
         # The hot loop's own epoll set: SIGCHLD, the notify rings, every client socket.
         self._hot = select.epoll()
         self._hot.register(port.epoll.fileno(), select.EPOLLIN)
@@ -325,10 +362,11 @@ class Tracer:
             with contextlib.suppress(OSError):
                 self._hot.unregister(fd)
 
-    def drain_waits(self) -> None:
-        """Hand every pending wait status to the engine."""
+    def drain_waits(self, first: Iterable[tuple[int, int]] = ()) -> None:
+        """Hand every pending wait status to the engine, after those in ``first`` (taken
+        from the kernel already, by the compiled round)."""
         engine = self.engine
-        for tid, status in _kernel.wait_all():
+        for tid, status in itertools.chain(first, _kernel.wait_all()):
             event = _kernel.decode_status(status)
             if isinstance(event, _kernel.Exited | _kernel.Killed) or (
                 isinstance(event, _kernel.EventStop) and event.event == _kernel.PTRACE_EVENT_EXEC
@@ -379,16 +417,21 @@ class Tracer:
                 nursery.start_soon(self._ticks)
                 task_status.started()
                 self._hot.register(signals.fd, select.EPOLLIN)
+                fast = self.fastpath is not None
                 while True:
                     stops = self.engine.counters["stops_reported"]
+                    # The compiled round, when it has something to serve, takes the SIGCHLD
+                    # and the stop that woke us (it drains the signalfd itself) and waits
+                    # no longer. Otherwise: drain the signals first, then waitpid: a
+                    # SIGCHLD that comes after makes the fd readable again, so no status
+                    # is ever left waiting.
+                    if not (fast and self._fast_loop(signals, 0.0)):
+                        signals.drain()
                     with self.batch():
                         self.drain_waits()
                     if self.engine.counters["stops_reported"] != stops:
                         self._hot_loop(signals)
                     await trio.lowlevel.wait_readable(signals.fd)
-                    # Drain the signals first, then waitpid: a SIGCHLD that comes after
-                    # makes the fd readable again, so no status is ever left waiting.
-                    signals.drain()
                     self.wakeups += 1
         finally:
             signals.close()
@@ -400,29 +443,87 @@ class Tracer:
         is ready in place, for as long as something comes within HOT_WAIT, but no longer
         than HOT_BUDGET in all; then trio's other tasks get their turn.
         """
+        if self.fastpath is not None and self._fast_loop(signals, HOT_WAIT):
+            return
         poll = self._hot.poll
         deadline = time.monotonic() + HOT_BUDGET
-        ring_fd = self.port.epoll.fileno()
-        sigfd = signals.fd
         while True:
             ready = poll(HOT_WAIT)
             if not ready:
                 return
             with self.batch():
                 for fd, _ in ready:
-                    if fd == sigfd:
-                        signals.drain()
-                        self.drain_waits()
-                    elif fd == ring_fd:
-                        self.drain_rings([f for f, _ in self.port.epoll.poll(0)])
-                    else:
-                        read = self._readers.get(fd)
-                        if read is not None and read() is None:
-                            # Hung up or not to be read: its reader task finds out.
-                            self.remove_reader(fd)
+                    self._serve_fd(fd, signals)
             self.hot_rounds += 1
             if time.monotonic() >= deadline:
                 return
+
+    def _serve_fd(self, fd: int, signals: _kernel.ChildSignals) -> None:
+        """Handle one ready fd of the hot epoll set (inside a batch)."""
+        if fd == signals.fd:
+            signals.drain()
+            self.drain_waits()
+        elif fd == self.port.epoll.fileno():
+            self.drain_rings([f for f, _ in self.port.epoll.poll(0)])
+        else:
+            read = self._readers.get(fd)
+            if read is not None and read() is None:
+                # Hung up or not to be read: its reader task finds out.
+                self.remove_reader(fd)
+
+    def _fast_loop(self, signals: _kernel.ChildSignals, wait: float) -> bool:
+        """The hot loop with its plain rounds compiled (module docstring): each call of the
+        extension serves what the engine's table allows, waiting up to ``wait`` seconds
+        for each next event, and returns what it did and what it left; the engine takes
+        the report, then the rest is handled here; until nothing came, or HOT_BUDGET.
+        Returns False, having done nothing, when the table is empty from the start (no
+        stop watch anywhere: the Python loop serves that as well, with no table to build
+        per wake-up)."""
+        assert self.fastpath is not None
+        run = self.fastpath.run
+        max_stops = self.fastpath.MAX_STOPS
+        fd_of = self.port.fd_of
+        engine = self.engine
+        epfd = self._hot.fileno()
+        wait_ms = round(wait * 1000)
+        deadline = time.monotonic_ns() + int(HOT_BUDGET * 1e9)
+        first = True
+        while True:
+            budget = deadline - time.monotonic_ns()
+            if budget <= 0:
+                return True
+            threads = [
+                (tid, pid, holds, tuple((fd_of(h), *rest) for h, *rest in slots), trap_ok)
+                for tid, pid, holds, slots, trap_ok in engine.fast_table(max_stops)
+            ]
+            if first and not threads:
+                return False
+            first = False
+            clients = [
+                (cid, fd) for cid, client in self.clients.items() if (fd := client.fast_fd()) >= 0
+            ]
+            handed, changed, served, ready_fd, stops, traps, rounds, why = run(
+                threads, clients, epfd, signals.fd, wait_ms, budget
+            )
+            with self.batch():
+                engine.fast_apply(changed, stops, traps)
+                for cid, resumes, sent, unsent, unread in served:
+                    client = self.clients.get(cid)
+                    if client is not None:
+                        client.fast_report(resumes, sent, unsent, unread)
+                if handed:
+                    self.drain_waits(handed)
+                if ready_fd >= 0:
+                    self._serve_fd(ready_fd, signals)
+            self.hot_rounds += rounds
+            self.fast_rounds += rounds
+            if handed or ready_fd >= 0 or why == "message":
+                log.debug(
+                    "compiled round: %d stops, left %s to the engine (%s, fd %d)",
+                    stops, why, handed, ready_fd,
+                )
+            if why in ("idle", "budget"):
+                return True
 
     async def _rings(self) -> None:
         epoll = self.port.epoll

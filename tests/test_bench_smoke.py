@@ -69,8 +69,10 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
                 ), place
                 # the client's CPU per stop: the library alone (v1 and v2) and the process
                 daemon = sc["placements"][place]["daemon"]
+                # and the daemon's CPU per stop with one and two clients
                 for key in ("client_lib_cpu_v1_ns", "client_lib_cpu_v2_ns",
-                            "client_cpu_per_stop_ns"):
+                            "client_cpu_per_stop_ns", "daemon_cpu1_per_stop_ns",
+                            "daemon_cpu2_per_stop_ns"):
                     assert _is_figure(daemon.get(key)), (place, key)
                     assert daemon[key]["median"] > 0, (place, key)
         elif name == "gdb":

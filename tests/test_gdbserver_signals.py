@@ -132,6 +132,30 @@ def test_a_signal_is_lost_only_if_every_client_told_discards_it(
 
 
 @pytest.mark.timeout(60)
+def test_a_plain_resume_passes_the_signal_beside_a_stop_watch(
+    target: Start, connect: Connect
+) -> None:
+    """A stop watch on the process puts its threads in the compiled stop round's table
+    (hwbkptd/_prepared.py); a thread held at a signal stop must stay out of it, or the
+    round's plain CONT would drop the signal that a resume saying nothing passes."""
+    proc = target("signals")
+    a = connect("a")
+    a.attach(proc.pid)
+    a.signals(proc.pid)
+    a.watch(proc.pid, int(proc.info["tid_addr"]), 8, "w", mode="stop")  # never written again
+    proc.go()
+    seen = []
+    for _ in range(4):
+        stop = a.expect("stop", reason="signal")
+        seen.append(stop.signal)
+        a.resume(proc.pid, wait=False)  # the notification form, which the round reads
+    assert seen == [USR1, USR1, ALRM, USR2]
+    assert proc.line() == "done usr1=2 usr2=1 alrm=1"
+    assert a.expect("exit", pid=proc.pid).code == 2 + 4 + 16
+    assert proc.wait() == 2 + 4 + 16
+
+
+@pytest.mark.timeout(60)
 def test_bad_signal_requests_are_refused(target: Start, connect: Connect) -> None:
     proc = target("signals")
     a = connect("a")

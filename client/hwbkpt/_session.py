@@ -182,6 +182,12 @@ class Session:
         if not data:
             self.connection_lost("the daemon closed the connection")
             return
+        stop = self._conn.take_stop(data)
+        if stop is not None:
+            # One ``stop`` alone in this read, the hit loop's case (Connection.take_stop).
+            stop["regs"] = Regs(stop["regs"])
+            self._events.append(Event("stop", stop))
+            return
         try:
             self._conn.receive_data(data)
             while (msg := self._conn.next_message()) is not None:

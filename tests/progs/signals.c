@@ -40,7 +40,7 @@ int main(int argc, char **argv)
 	signal(SIGUSR1, on_signal);
 	signal(SIGUSR2, on_signal);
 	signal(SIGALRM, on_signal);
-	printf("pid=%ld\n", self_pid);
+	printf("pid=%ld tid_addr=%p\n", self_pid, (void *)&self_tid);
 	fflush(stdout);
 	gate();
 	send_self(SIGUSR1);
