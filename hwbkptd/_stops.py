@@ -155,7 +155,8 @@ class StopHandling:
 
     def attach(self, cid: int, pid: int) -> list[int]:
         """Keep process ``pid`` seized for ``cid`` until it leaves (:meth:`leave`), with
-        or without watches; ``cid`` is told of its exit. Returns its threads.
+        or without watches; ``cid`` is told of its exit, and of each thread that appears
+        or ends (``thread`` events, :meth:`_tell_thread`). Returns its threads.
 
         Raises NoSuchProcessError, BusyError (another tracer), PermissionDeniedError.
         """
@@ -234,6 +235,7 @@ class StopHandling:
         if tid == target.pid or not target.threads:
             self._end_target(target, code, sig)
         else:
+            self._tell_thread(target, tid, "exit", code=code, signal=sig)
             self._end_thread_watches(target, tid, code, sig)
 
     def on_signal_stop(self, tid: int, sig: int) -> None:
@@ -300,6 +302,9 @@ class StopHandling:
         elif event == EVENT_STOP:
             if prev is ThreadState.NEW:
                 self._reconcile(thread)
+                target = self.targets.get(thread.pid)
+                if target is not None and not thread.detaching:
+                    self._tell_thread(target, tid, "new")
             self._event_stop(thread)
             return
         requesters = self._take_interrupts(thread)
@@ -307,6 +312,15 @@ class StopHandling:
             thread.holds.update(requesters)
             self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
         self._release(thread)
+
+    def _tell_thread(self, target: TargetRec, tid: int, state: str, **extra: Any) -> None:
+        """A ``thread`` event for every client attached to ``target`` (a debugger keeps
+        its thread list from them). ``state`` "new" is sent at the new thread's first stop:
+        only then is it seized, so a ``hold_all`` answered after the event includes it."""
+        fields = {"pid": target.pid, "tid": tid, "state": state, **extra}
+        for cid in sorted(target.attached):
+            if cid in self._clients:
+                self._emit(cid, "thread", dict(fields), False)
 
     def _orphan_stop(self, tid: int, sig: int) -> None:
         """A stop of a thread no target claims (its process was let go): let it go too."""

@@ -298,7 +298,8 @@ class Client:
 
     def attach(self, pid: int) -> list[int]:
         """Keep process ``pid`` managed for this client, with or without watches, until
-        :meth:`detach`; returns its threads. An ``exit`` event follows its end."""
+        :meth:`detach`; returns its threads. A ``thread`` event (``state`` "new" or
+        "exit") follows each thread that appears or ends, an ``exit`` event its end."""
         return list(self.call("attach", pid=pid)["threads"])
 
     def detach(self, pid: int) -> None:
