@@ -16,6 +16,7 @@ from tests.test_watch import (
     Conn,
     connect_fixture,  # noqa: F401  (the `connect` fixture)
     info_int,
+    thread_state,
 )
 
 pytestmark = [
@@ -103,3 +104,42 @@ def test_the_trio_client_hands_out_thread_events(target: Start, daemon: Daemon) 
     assert proc.line() == "done var=1000"
     assert proc.wait() == 0
     assert sorted(told) == sorted([(t, "new") for t in workers] + [(t, "exit") for t in workers])
+
+
+@pytest.mark.timeout(90)
+def test_hold_threads_holds_each_new_thread_for_that_client(
+    target: Start, connect: Connect
+) -> None:
+    proc = target("threads", 2, 1000)
+    a, b = connect("a"), connect("b")
+    a.attach(proc.pid, hold_threads=True)
+    b.attach(proc.pid)
+    proc.go()
+    for _ in range(2):
+        stop = a.expect("stop", reason="thread")
+        tid = stop.tid
+        assert stop.pid == proc.pid
+        assert stop.watches == []
+        new = a.expect("thread", tid=tid)
+        assert new.state == "new"
+        # Held at its first stop: it has not run (no "tid=" line yet) and stays stopped.
+        assert thread_state(proc.pid, tid) == "t"
+        assert b.expect("thread", tid=tid).state == "new"
+        a.resume(tid)
+    workers = _worker_tids(proc, 2)
+    assert proc.line() == "done var=1000"
+    assert proc.wait() == 0
+    for tid in workers:
+        a.expect("thread", tid=tid, state="exit")
+    b.none_of("stop")
+
+
+@pytest.mark.timeout(60)
+def test_bad_hold_threads_is_refused(target: Start, connect: Connect) -> None:
+    proc = target("threads", 1, 1)
+    a = connect("a")
+    with pytest.raises(hwbkpt.InvalidArgumentError, match="hold_threads must be true or false"):
+        a.call("attach", pid=proc.pid, hold_threads=1)
+    assert a.attach(proc.pid) == [proc.pid]
+    proc.go()
+    assert proc.wait() == 0
