@@ -308,8 +308,103 @@ def rpc(p: Params) -> None:
     _say("result", trio.run(main))
 
 
+def gdbcpu(p: Params) -> None:
+    """``hwbkpt gdbserver``'s CPU per stop without sockets, pipes, daemon or gdb: the
+    packets of one stop of the gdb row (the ``stop`` event as the daemon sends it in
+    protocol version 2, decoded by the client library; the T reply; gdb's three reads of
+    the watched word; ``vCont;c`` and the ``resume`` notification it makes), through the
+    real session and codec, ``p["n"]`` times. The "process" is this one: its
+    /proc/PID/mem is read and its /proc/PID/task counted as for a real target."""
+    import ctypes
+    import os
+    from types import SimpleNamespace
+
+    from hwbkpt._gdbserver._codec import checksum
+    from hwbkpt._gdbserver._session import GdbSession
+    from hwbkpt._session import Session
+    from hwbkpt_proto import REGISTER_NAMES, Notification, encode, pack_regs
+
+    pid = os.getpid()
+    word = ctypes.c_uint64(0x2A)
+    addr = ctypes.addressof(word)
+    regs = {name: 0x7FFF_FFFF_E000 + 8 * i for i, name in enumerate(REGISTER_NAMES)}
+
+    def stop_bytes(reason: str, watches: list[int]) -> bytes:
+        return encode(Notification("stop", {"pid": pid, "tid": pid, "watches": watches,
+                                            "reason": reason, "regs": pack_regs(regs)}),
+                      positional=True)
+
+    hit = stop_bytes("watch", [1])
+
+    class Daemon:
+        """What the session asks of its daemon client; the stop of the next hit is
+        "received" as each resume is sent."""
+
+        def __init__(self) -> None:
+            self.session = Session()
+            self.session.hello_done({"version": 2})
+            self.resumes = 0
+
+        def attach(self, _pid: int) -> list[int]:
+            return [pid]
+
+        def signals(self, _pid: int, **_: Any) -> None:
+            pass
+
+        def hold_all(self, _pid: int) -> list[int]:
+            self.session.receive_data(stop_bytes("interrupt", []))
+            return [pid]
+
+        def watch_region(self, *_: Any, **__: Any) -> list[Any]:
+            return [SimpleNamespace(id=1, addr=addr, state="installed")]
+
+        def next_event(self, timeout: float | None = None) -> Any:
+            return self.session.next_event()
+
+        def read_ready(self) -> None:
+            pass
+
+        def resume(self, tid: int, *, wait: bool = True, signal: int | None = None) -> None:
+            self.session.thread_notification("resume", tid)
+            self.resumes += 1
+            self.session.receive_data(hit)
+
+        def call(self, *_: Any, **__: Any) -> None:
+            return None
+
+        def detach(self, _pid: int) -> None:
+            pass
+
+    def frame(payload: bytes) -> bytes:
+        return b"$" + payload + b"#" + b"%02x" % checksum(payload)
+
+    daemon, sent = Daemon(), []
+    server = GdbSession(daemon, pid, sent.append)  # type: ignore[arg-type]
+    server.receive_data(frame(b"qSupported:multiprocess+;swbreak+;hwbreak+"))
+    server.receive_data(b"+" + frame(b"QStartNoAckMode") + b"+")
+    server.receive_data(frame(b"Z2,%x,8" % addr))
+    read, cont = frame(b"m%x,8" % addr), frame(b"vCont;c:p%x.-1" % pid)
+    server.receive_data(cont)
+    n = int(p["n"])
+    del sent[:]
+    cpu0 = time.process_time_ns()
+    for _ in range(n):
+        server.pump_events(readable=True)
+        server.receive_data(read)
+        server.receive_data(read)
+        server.receive_data(read)
+        server.receive_data(cont)
+    cpu = time.process_time_ns() - cpu0
+    stops = sum(1 for s in sent if s.startswith(b"$T05"))
+    if stops != n or daemon.resumes != n + 1:
+        raise RuntimeError(f"{stops} stop replies and {daemon.resumes} resumes for {n} stops")
+    server.leave()
+    _say("result", {"n": n, "cpu_ns_per_stop": cpu / n})
+
+
 MODES: dict[str, Callable[[Params], None]] = {
     "ping": ping, "count": count, "notify": notify, "stop": stop, "libcpu": libcpu,
+    "gdbcpu": gdbcpu,
     "cond": cond, "gdb": gdb,
     "threads": threads, "memory": memory, "rpc": rpc,
 }

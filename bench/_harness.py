@@ -43,8 +43,8 @@ from bench._procs import (
 )
 
 REFS = ["target", "count_ref", "notify_ref", "stop_ref", "threads_target", "threads_ref",
-        "mem_ref", "rpc_ref"]
-SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory", "cond", "gdb"]
+        "mem_ref", "rpc_ref", "xstop_ref"]
+SCENARIOS = ["count", "notify", "stop", "rpc", "threads", "memory", "cond", "gdb", "uprobe"]
 DEFAULT_JSON = HERE / "results" / "latest.json"
 PY = sys.executable
 
@@ -68,6 +68,7 @@ class Sizes:
     mem_runs: int
     lib_n: int = 20_000  # stops decoded per run of the client library's CPU figure
     gdb_n: int = 300
+    uprobe_n: int = 5_000
 
 
 FULL = Sizes(runs=7, count_n=20_000, notify_n=20_000, stop_n=2_000, rpc_clients=(1, 32),
@@ -77,7 +78,7 @@ FULL = Sizes(runs=7, count_n=20_000, notify_n=20_000, stop_n=2_000, rpc_clients=
 QUICK = Sizes(runs=1, count_n=1_000, notify_n=1_000, stop_n=100, rpc_clients=(1, 32),
               rpc_iters={1: 50, 32: 3}, rpc_runs=1, threads=50, threads_reps=1, spawn=3,
               threads_runs=1, mem_threads=10, mem_clients=10, mem_watches=4, mem_runs=1,
-              lib_n=1_000, gdb_n=10)
+              lib_n=1_000, gdb_n=10, uprobe_n=100)
 
 
 # ---------------------------------------------------------------- figures
@@ -438,12 +439,49 @@ class Bench:
             reff["gdbserver_per_stop_ns"] = fig(stub, "ns") if stub else {
                 "error": "Debian's gdbserver is not installed (make deps installs it)"}
             dmn = served if isinstance(served, dict) else fig(served, "ns")
+            cpu = fig([self._gdb_cpu(pin) for _ in range(self.s.runs)], "ns")
             out["placements"][place] = {
-                "reference": reff, "daemon": {"served_per_stop_ns": dmn},
+                "reference": reff, "daemon": {"served_per_stop_ns": dmn,
+                                              "server_cpu_per_stop_ns": cpu},
                 "ratio": {"per_stop": ratio(dmn, ref),
                           "per_stop_vs_gdbserver": ratio(dmn, fig(stub, "ns")) if stub else None,
                           "gdbserver_vs_native": ratio(fig(stub, "ns"), ref) if stub else None}}
         return out
+
+    # -- 9. uprobe: a breakpoint stop on a uprobe vs on a hardware execute slot (C tracer)
+    def uprobe(self) -> dict[str, Any]:
+        """Per-stop cost of a breakpoint served by a uprobe and by a hardware execute slot,
+        same function, same C tracer (bench/ref/xstop_ref.c), interleaved runs. The daemon
+        has no uprobe breakpoints (they stop after the instruction: HACKING.md), so this
+        is the figure that decision would weigh, not a daemon ratio."""
+        n = self.s.uprobe_n
+        out: dict[str, Any] = {"params": {"n": n}, "placements": {}}
+        for place, pin in (("unpinned", None), ("cpu0", "0")):
+            got: dict[str, list[float]] = {"none": [], "hw": [], "uprobe": []}
+            for _ in range(self.s.runs):
+                for kind, runs in got.items():
+                    with Proc([str(build("xstop_ref")), kind, str(n)], name=f"xstop_ref {kind}",
+                              pin=pin) as p:
+                        w = p.expect("ns_per_call", 300)
+                        p.wait(10)
+                    stops = int(w[2])
+                    if stops != (0 if kind == "none" else n):
+                        raise BenchError(f"xstop_ref {kind}: {stops} stops for {n} calls")
+                    runs.append(float(w[0]))
+            base = statistics.median(got["none"])
+            hw = fig([x - base for x in got["hw"]], "ns")
+            up = fig([x - base for x in got["uprobe"]], "ns")
+            out["placements"][place] = {"hw_per_stop_ns": hw, "uprobe_per_stop_ns": up,
+                                        "ratio": {"uprobe_vs_hw": ratio(up, hw)}}
+        return out
+
+    def _gdb_cpu(self, pin: str | None) -> float:
+        """ns of CPU ``hwbkpt gdbserver``'s session spends per stop of this row, without
+        any I/O (bench/_dclient.py gdbcpu)."""
+        with dclient("gdbcpu", {"n": self.s.lib_n}, pin) as p:
+            r = result_json(p.expect("result", 120))
+            p.wait(10)
+        return float(r["cpu_ns_per_stop"])
 
     @staticmethod
     def _gdb_run(gdb: str, n: int, pin: str | None, connect: str) -> float:
@@ -739,6 +777,13 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                 yield name, f"{place}: per stop, served vs Debian gdbserver", \
                     p["reference"]["gdbserver_per_stop_ns"], \
                     p["daemon"]["served_per_stop_ns"], p["ratio"]["per_stop_vs_gdbserver"], ""
+                if "server_cpu_per_stop_ns" in p["daemon"]:
+                    yield name, f"{place}: server session CPU/stop, no I/O", None, \
+                        p["daemon"]["server_cpu_per_stop_ns"], None, ""
+        elif name == "uprobe":
+            for place, p in s["placements"].items():
+                yield name, f"{place}: per stop, uprobe (C ref) vs hw execute slot (C ref)", \
+                    p["hw_per_stop_ns"], p["uprobe_per_stop_ns"], p["ratio"]["uprobe_vs_hw"], ""
         elif name == "memory":
             p = s["params"]
             yield name, f"RSS, {p['clients']}x{p['watches_per_client']} watches, " \

@@ -117,8 +117,10 @@ __all__ = [
     "ProcCreds",
     "SigInfo",
     "SignalStop",
+    "UprobeEvent",
     "WaitEvent",
     "bpf_available",
+    "code_location",
     "cont",
     "decode_status",
     "detach",
@@ -144,6 +146,7 @@ __all__ = [
     "tgid_of",
     "threads_of",
     "tracer_of",
+    "uprobe_regs_writable",
     "wait_all",
     "wait_for",
     "write_memory",
@@ -1349,4 +1352,133 @@ def bpf_available() -> str | None:
         BpfFilter(generate(0x1000, 8, (), True), {}).close()
     except HwbkptError as err:
         return err.message
+    return None
+
+
+# --- uprobe events -----------------------------------------------------------------------
+#
+# A uprobe is the kernel's own software breakpoint: perf_event_open with the `uprobe` PMU
+# (its type in /sys/bus/event_source/devices/uprobe/type; config1 = pointer to the path of
+# the mapped file, config2 = the offset in that file; Documentation/trace/uprobetracer.rst,
+# perf_uprobe_init in kernel/trace/trace_event_perf.c). The kernel writes an int3 into the
+# process's private copy of the page and single-steps (or emulates) the original
+# instruction out of line at every hit (handle_swbp, kernel/events/uprobes.c). Measured here
+# (hwbkptd/_platform.py, probe_uprobes): a stop-mode event's SIGTRAP arrives only *after*
+# the probed instruction ran, because uprobe_deny_signal holds back every signal raised
+# while the out-of-line step is pending. The only way round it (a BPF program that moves
+# the saved ip so that handle_swbp skips the step, "bpf: Allow uprobe program to change
+# context registers", 6.18-era) needs a verifier that lets a BPF_PROG_TYPE_KPROBE program
+# write its pt_regs context: :func:`uprobe_regs_writable` asks this kernel.
+
+UPROBE_PMU: Final = "/sys/bus/event_source/devices/uprobe/type"
+BPF_PROG_TYPE_KPROBE: Final = 2
+_PT_REGS_IP: Final = 16 * 8  # struct pt_regs (arch/x86/include/asm/ptrace.h): ip is word 16
+
+
+def code_location(pid: int, addr: int) -> tuple[str, int] | None:
+    """Where the code at ``addr`` of process ``pid`` comes from: ``(path, file offset)``,
+    or ``None`` when the address is not in a file mapping (anonymous memory, JIT code, the
+    heap, the stack, the vDSO).
+
+    The path is ``/proc/PID/map_files/START-END``: the kernel resolves it to the mapped
+    file itself, even one deleted or in another mount namespace, where the name shown in
+    ``/proc/PID/maps`` would not (or would name another file). Raises NoSuchProcessError.
+    """
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= addr < end:
+                    name = fields[5].strip() if len(fields) > 5 else ""
+                    if not name.startswith("/") or fields[4] == "0":  # no inode: anonymous
+                        return None
+                    offset = int(fields[2], 16) + addr - start
+                    return f"/proc/{pid}/map_files/{start:x}-{end:x}", offset
+    except OSError as err:
+        what = f"read the memory map of process {pid}"
+        raise _translate_errno(err, what, who=("process", pid)) from err
+    return None
+
+
+class UprobeEvent:
+    """A stop-mode uprobe on one thread: every execution of the instruction at ``offset`` of
+    ``path`` (see :func:`code_location`) makes the thread take a SIGTRAP (TRAP_PERF,
+    ``si_perf_data == sig_data``) once the kernel has stepped the instruction. Closing it
+    (or the daemon's death) removes the probe; so does an exec (``remove_on_exec``)."""
+
+    def __init__(self, tid: int, path: str, offset: int, sig_data: int) -> None:
+        """Open (arm) the probe. Raises InvalidArgumentError (no uprobe PMU, an offset that
+        is not an instruction the kernel can probe), NoSuchProcessError,
+        PermissionDeniedError."""
+        what = f"set a uprobe at offset {offset:#x} of {path} on thread {tid}"
+        try:
+            with open(UPROBE_PMU) as f:
+                pmu = int(f.read())
+        except (OSError, ValueError) as err:
+            raise InvalidArgumentError(f"cannot {what}: this kernel has no uprobe PMU") from err
+        self._path = ctypes.create_string_buffer(path.encode())  # read at open only
+        attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        flags = _ATTR_EXCLUDE_HV | _ATTR_REMOVE_ON_EXEC | _ATTR_SIGTRAP
+        struct.pack_into("IIQQQQQ", attr, 0, pmu, _ATTR_SIZE, 0, 1, 0, 0, flags)
+        struct.pack_into("QQ", attr, 56, ctypes.addressof(self._path), offset)
+        struct.pack_into("Q", attr, 120, sig_data & _U64)
+        fd = _syscall(
+            ctypes.c_long(SYS_perf_event_open),
+            attr,
+            ctypes.c_int(tid),
+            ctypes.c_int(-1),
+            ctypes.c_int(-1),
+            ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC),
+        )
+        if fd < 0:
+            code = ctypes.get_errno()
+            failure = OSError(code, os.strerror(code))
+            raise _translate_errno(failure, what, who=("thread", tid)) from failure
+        self.fd: int = fd
+        self.tid = tid
+
+    @_oserrors("read the hit counter of a uprobe")
+    def read_count(self) -> int:
+        """Executions of the probed instruction so far."""
+        return int.from_bytes(os.read(self.fd, 8), "little")
+
+    def close(self) -> None:
+        """Remove the probe. Idempotent."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def uprobe_regs_writable() -> str | None:
+    """``None`` if this kernel's verifier lets a uprobe program (BPF_PROG_TYPE_KPROBE)
+    write its ``pt_regs`` context, else why not (the verifier's words).
+
+    The program tried is the smallest that would move a stopped thread's ip:
+    ``ctx->ip = 0; return 0``. Loading is enough to ask: the verifier checks context writes
+    at load (kprobe_prog_is_valid_access, kernel/trace/bpf_trace.c), the attach only checks
+    that such a program goes on a uprobe. Raises PermissionDeniedError (no BPF here).
+    """
+    from hwbkptd._bpf import R0, R1, R2, Insn  # pure; as in bpf_available
+
+    code = [
+        Insn(0xB7, R2),  # r2 = 0
+        Insn(0x7B, R1, R2, _PT_REGS_IP),  # *(u64 *)(r1 + ip) = r2
+        Insn(0xB7, R0),  # r0 = 0
+        Insn(0x95),  # exit
+    ]
+    raw = b"".join(insn.encode() for insn in code)
+    insns = ctypes.create_string_buffer(raw, len(raw))
+    log = ctypes.create_string_buffer(_VERIFIER_LOG_SIZE)
+    attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+    struct.pack_into("IIQQIIQ", attr, 0, BPF_PROG_TYPE_KPROBE, len(code),
+                     ctypes.addressof(insns), ctypes.addressof(_LICENSE), 1,
+                     _VERIFIER_LOG_SIZE, ctypes.addressof(log))  # fmt: skip
+    try:
+        os.close(_bpf(BPF_PROG_LOAD, attr, "bpf(PROG_LOAD)"))
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EINVAL):
+            raise _translate_errno(err, "load a uprobe program") from err
+        text = log.value.decode(errors="replace").strip().splitlines()
+        return text[-2] if len(text) >= 2 else os.strerror(err.errno or 0)
     return None

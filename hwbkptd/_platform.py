@@ -371,7 +371,11 @@ def probe_struct_user() -> Finding:
 
 
 def probe_uprobes() -> Finding:
-    """Whether the kernel offers the ``uprobe`` PMU (software breakpoints without int3)."""
+    """Stop the child at every call of libc's ``labs`` with a uprobe (the ``uprobe`` PMU:
+    software breakpoints without writing int3 into shared memory) and see where the thread
+    stands at each SIGTRAP, what the probed byte reads meanwhile, and whether a BPF program
+    could move the thread back before the instruction (hwbkptd/_kernel.py, uprobe events).
+    """
     try:
         pmu = int(UPROBE_PMU.read_text())
     except (OSError, ValueError):
@@ -379,15 +383,63 @@ def probe_uprobes() -> Finding:
             "uprobes",
             False,
             f"no uprobe PMU ({UPROBE_PMU} missing: kernel without CONFIG_UPROBE_EVENTS)",
-            "software breakpoints fall back to hardware execute slots",
+            "software breakpoints take hardware execute slots",
+        )
+    n = 5
+    seen: list[tuple[int, int, int]] = []
+    with _Child() as child:
+        at = child.addrs["labs"]
+        where = _kernel.code_location(child.pid, at)
+        if where is None:
+            return Finding("uprobes", False, "libc's labs is not in a file mapping", "none")
+        before = _kernel.read_memory(child.pid, at, 1)
+        event = _kernel.UprobeEvent(child.pid, where[0], where[1], _TOKEN)
+        try:
+            during = _kernel.read_memory(child.pid, at, 1)
+
+            def on_trap() -> None:
+                info = _kernel.getsiginfo(child.pid)
+                seen.append((info.code, info.perf_data, _kernel.getregs(child.pid)["rip"]))
+
+            child.run("call", n, on_trap)
+            count = event.read_count()
+        finally:
+            event.close()
+        after = _kernel.read_memory(child.pid, at, 1)
+    offsets = sorted({rip - at for _, _, rip in seen})
+    ours = all(code == _kernel.TRAP_PERF and data == _TOKEN for code, data, _ in seen)
+    stop = "at" if offsets == [0] else "after"
+    refused = _kernel.uprobe_regs_writable()
+    details = {
+        "pmu": pmu,
+        "stops": len(seen),
+        "count": count,
+        "rip_minus_address": offsets,
+        "byte": [before.hex(), during.hex(), after.hex()],
+        "regs_writable": refused is None,
+        "verifier": refused,
+    }
+    if stop == "at":
+        action = "a uprobe stops before its instruction here: it could serve software breakpoints"
+    elif refused is None:
+        action = (
+            "the verifier lets a uprobe program move ip (the route to stopping before the "
+            "instruction), not used yet: software breakpoints take hardware execute slots"
+        )
+    else:
+        action = (
+            "software breakpoints take hardware execute slots: a uprobe stops after its "
+            f"instruction and the verifier refuses to let a uprobe program move ip ({refused})"
         )
     return Finding(
         "uprobes",
-        True,
-        f"uprobe PMU present (perf type {pmu})",
-        "not used yet: a uprobe event's SIGTRAP comes after the probed instruction has run "
-        "(HACKING.md), so debuggers' software breakpoints take hardware execute slots",
-        pmu,
+        ours and len(seen) == count == n,
+        f"uprobe PMU (perf type {pmu}): {len(seen)} SIGTRAP(s) for {n} calls, rip "
+        f"{', '.join(f'{o:+d}' for o in offsets)} from the probe (the instruction has run); "
+        f"the byte reads {during.hex()} while probed, {before.hex()} before and after",
+        action,
+        {"stop": stop, "regs_writable": refused is None},
+        details,
     )
 
 

@@ -87,6 +87,12 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
         if key == "gdb_false" and row.get("error") == "gdb is not installed":
             continue
         assert _is_figure(row.get("per_hit_ns")), (key, row)
+    up = data["scenarios"]["uprobe"]  # uprobe vs hardware execute stop, C tracer both
+    assert "failed" not in up, up.get("failed")
+    for place in ("unpinned", "cpu0"):
+        p = up["placements"][place]
+        assert _is_figure(p["hw_per_stop_ns"]), (place, p)
+        assert _is_figure(p["uprobe_per_stop_ns"]), (place, p)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "C reference" in res.stdout  # the table was printed
     assert "client library CPU/stop, protocol v2" in res.stdout

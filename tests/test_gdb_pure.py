@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 
 import pytest
 
+from hwbkpt._events import Event
 from hwbkpt._gdbserver import _regs
 from hwbkpt._gdbserver._access import allowed_uid, is_loopback, socket_table_uid
+from hwbkpt._gdbserver._codec import Codec, Packet
 from hwbkpt._gdbserver._packets import (
     ALL_THREADS,
     PacketError,
@@ -18,6 +21,7 @@ from hwbkpt._gdbserver._packets import (
     split_args,
     xfer_window,
 )
+from hwbkpt._gdbserver._session import GdbSession
 from hwbkpt_proto import NoSuchProcessError
 from hwbkptd._model import Mode
 from tests.test_engine import PID, X, setup, stops
@@ -277,3 +281,54 @@ def test_exec_keeps_attached_clients_and_holds_the_new_program_for_them() -> Non
     h.engine.leave(1, PID)
     h.settle()
     assert h.kernel.traced() == []  # nobody needs it any more: let go
+
+
+# ------------------------------------------------------------------ a process that ends
+
+
+class _GoneClient:
+    """A daemon client whose process ended: every call says so; the exit event follows."""
+
+    def __init__(self, pid: int, exit_event: Event | None) -> None:
+        self.pid = pid
+        self.events = [exit_event] if exit_event is not None else []
+
+    def attach(self, pid: int) -> list[int]:
+        return [pid]
+
+    def signals(self, pid: int, **_: object) -> None:
+        pass
+
+    def hold_all(self, pid: int) -> list[int]:
+        raise NoSuchProcessError(f"process {pid} has exited")
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        return self.events.pop(0) if self.events else None
+
+    def call(self, *_: object, **__: object) -> None:
+        raise NoSuchProcessError("gone")
+
+    def detach(self, pid: int) -> None:
+        raise NoSuchProcessError("gone")
+
+
+@pytest.mark.parametrize(
+    ("fields", "reply"),
+    [({"code": 7, "signal": None}, b"W07"), ({"code": None, "signal": 11}, b"X0b"), (None, b"W00")],
+)
+def test_a_process_gone_under_a_request_gets_its_exit_reply(
+    fields: dict[str, int | None] | None, reply: bytes
+) -> None:
+    pid = os.getpid()  # the session opens /proc/PID/mem: any live pid will do
+    exit_event = Event("exit", {"pid": pid, "tid": pid, **fields}) if fields else None
+    sent: list[bytes] = []
+    session = GdbSession(_GoneClient(pid, exit_event), pid, sent.append)  # type: ignore[arg-type]
+    session.running = True  # the debugger sent vCont and waits for a stop reply
+    session.process_gone(NoSuchProcessError(f"process {pid} has exited"))
+    codec = Codec()
+    codec.receive_data(sent[-1])
+    packet = codec.next_event()
+    assert isinstance(packet, Packet), sent
+    assert packet.data == reply, sent
+    session.leave()
+    assert session.finished

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+import hwbkpt
 from hwbkpt._gdbserver._codec import NEED_DATA, Codec, Packet
 from tests._daemon import Daemon
 from tests._progs import Target
 from tests.test_security import run_as
-from tests.test_watch import tracer_pid, wait_until
+from tests.test_watch import info_int, tracer_pid, wait_until
 
 pytestmark = [
     pytest.mark.kernel,
@@ -222,4 +223,117 @@ def test_fuzzed_session_never_crashes_nor_leaves_a_thread_held(
     # Nothing is left held: the program runs to its normal end.
     lines = [proc.line(TIMEOUT * 4) for _ in range(3)]
     assert lines[-1] == "done var=20000000", lines
+    assert proc.wait(TIMEOUT) == 0
+
+
+def _stop_fields(reply: bytes) -> dict[bytes, bytes]:
+    """The ``name:value`` pairs of a ``T`` stop reply."""
+    assert reply.startswith(b"T05"), reply
+    return dict(part.split(b":", 1) for part in reply[3:].rstrip(b";").split(b";"))
+
+
+def _le(value: int) -> bytes:
+    """An 8-byte register or memory value as RSP hex (target byte order)."""
+    return value.to_bytes(8, "little").hex().encode()
+
+
+@pytest.mark.timeout(90)
+def test_each_stop_reports_its_registers_and_reads_its_own_memory(
+    target: Start, daemon: Daemon
+) -> None:
+    # The per-stop path of `watch` + `continue` as gdb drives it (no-ack mode, the watched
+    # value read three times per stop): every stop carries rbp/rsp/rip and the watch;
+    # repeated reads within a stop agree and a read after the resume sees the new value;
+    # a register written at a stop reads back (p, g) and the program runs on unharmed.
+    n = 4
+    proc = target("writer", n)
+    addr, func = info_int(proc, "addr"), info_int(proc, "func")
+    with gdbserver(daemon, proc.pid) as server:
+        assert server.stdin is not None
+        assert server.stdout is not None
+        peer = Peer(server.stdout.fileno(), server.stdin.fileno())
+        assert peer.ask(b"qSupported:swbreak+").startswith(b"PacketSize=")
+        assert peer.ask(b"QStartNoAckMode") == b"OK"
+        peer.codec.start_no_ack()
+        assert peer.ask(b"Z2,%x,8" % addr) == b"OK"
+        peer.write(peer.codec.send(b"vCont;c"))
+        proc.go()
+        for i in range(1, n + 1):
+            fields = _stop_fields(peer.packet())
+            assert fields[b"watch"] == b"%x" % addr
+            assert fields[b"thread"] == b"%x" % proc.pid
+            rip = int.from_bytes(bytes.fromhex(fields[b"10"].decode()), "little")
+            assert func <= rip < func + 64, (hex(rip), hex(func))  # inside write_both
+            assert peer.ask(b"p10") == fields[b"10"]
+            assert peer.ask(b"p7") == fields[b"07"]
+            for _ in range(3):
+                assert peer.ask(b"m%x,8" % addr) == _le(i)
+            if i == 1:
+                # r11 (regnum 11) is scratch that write_both never touches.
+                assert peer.ask(b"P0b=" + _le(0x1234_5678)) == b"OK"
+                assert peer.ask(b"p0b") == _le(0x1234_5678)
+                assert peer.ask(b"g")[11 * 16 : 12 * 16] == _le(0x1234_5678)
+                assert peer.ask(b"p10") == fields[b"10"]  # the others are unchanged
+            peer.write(peer.codec.send(b"vCont;c"))
+        assert peer.packet() == b"W00"
+        server.stdin.close()  # the debugger leaves
+        assert server.wait(TIMEOUT) == 0
+    assert proc.line(TIMEOUT) == f"done var={n} pair0=0"
+    assert proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.timeout(60)
+def test_read_ready_reads_what_is_there_and_never_waits(target: Start, daemon: Daemon) -> None:
+    # The server's loop calls read_ready when its poll said the daemon's socket is
+    # readable; a call it made meanwhile may have read the data already, and read_ready
+    # must then return rather than block until the daemon says something else.
+    proc = target("writer", 1)
+    client = hwbkpt.Client(daemon.socket, name="read-ready")
+    try:
+        client.attach(proc.pid)
+        client.read_ready()  # nothing sent: returns at once
+        assert client.next_event(timeout=0) is None
+        assert client.hold_all(proc.pid) == [proc.pid]
+        deadline = time.monotonic() + TIMEOUT
+        event = None
+        while event is None:
+            left = deadline - time.monotonic()
+            assert left > 0, "no stop event"
+            select.select([client.fileno()], [], [], left)
+            client.read_ready()
+            event = client.next_event(timeout=0)
+        assert (event.kind, event.tid, event.reason) == ("stop", proc.pid, "interrupt")
+        # A call answered since: its reply is read by the call, and a read_ready after it
+        # (as after a poll that said "readable" before the call) finds nothing, at once.
+        assert client.call("ping", data=1) == 1
+        client.read_ready()
+        assert client.next_event(timeout=0) is None
+        client.detach(proc.pid)
+    finally:
+        client.close()
+    proc.go()
+    assert proc.line(TIMEOUT).startswith("done var=1")
+    assert proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_packet_resent_before_its_reply_was_acked_is_answered_once(
+    target: Start, daemon: Daemon
+) -> None:
+    # gdb resends a packet whose ack did not come within its remotetimeout (a server that
+    # starts slowly): both copies are waiting when the server first reads. One answer.
+    proc = target("writer", 1)
+    with gdbserver(daemon, proc.pid) as server:
+        assert server.stdin is not None
+        assert server.stdout is not None
+        peer = Peer(server.stdout.fileno(), server.stdin.fileno())
+        peer.write(peer.codec.send(b"qSupported") + peer.codec.send(b"qSupported"))
+        assert peer.packet().startswith(b"PacketSize=")
+        assert peer.ask(b"qAttached") == b"1"  # the answer to this packet, not a stale one
+        # The same packet again once its reply was acked is a new request: answered.
+        assert peer.ask(b"qAttached") == b"1"
+        assert peer.ask(b"D") == b"OK"
+        assert server.wait(TIMEOUT) == 0
+    proc.go()
+    assert proc.line(TIMEOUT).startswith("done var=1")
     assert proc.wait(TIMEOUT) == 0

@@ -126,11 +126,24 @@ class Client:
     def _deadline(self, timeout: float | None) -> float | None:
         return None if timeout is None else time.monotonic() + timeout
 
-    def _receive(self, deadline: float | None) -> bool:
-        """Read once from the socket into the session; False if the deadline passed."""
+    def _receive(self, deadline: float | None, *, now: bool = False) -> bool:
+        """Read once from the socket into the session; False if the deadline passed
+        (``now``: if nothing could be read without waiting)."""
         if self._sock is None:
             self._session.check_alive()
             return False
+        if now:
+            try:
+                data = self._sock.recv(_RECV_SIZE, _socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as err:
+                self._session.connection_lost(f"reading from the socket failed: {err}")
+            else:
+                self._session.receive_data(data)
+            if self._session.lost:
+                self._drop_socket()
+            return True
         if deadline is not None:
             remaining = deadline - time.monotonic()
             # poll() takes milliseconds and rounds a fraction up, so it never wakes early;
@@ -199,6 +212,15 @@ class Client:
             event = self._session.next_event()
             if event is not None:
                 return event
+
+    def read_ready(self) -> None:
+        """Read what the daemon's socket holds, without waiting and without polling it
+        first: for a caller whose own ``poll`` just said it is readable (one system call
+        instead of ``next_event(timeout=…)``'s two). Reads nothing if a call made since
+        that ``poll`` has taken the data already. What arrived is then returned by
+        ``next_event(0)``. Raises :class:`ConnectionLostError` if the connection was lost
+        before; losing it now only marks it lost, as in ``next_event``."""
+        self._receive(None, now=True)
 
     # -- the daemon's methods -----------------------------------------------------------
 

@@ -25,6 +25,7 @@ Theory of operation (h11-style, the model is pyOCD's ``packet_io.py``):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -45,6 +46,7 @@ __all__ = [
 
 #: Payload bytes that must be escaped on the wire.
 _SPECIAL: Final = frozenset(b"$#}*")
+_NEEDS_ESCAPE: Final = re.compile(rb"[$#}*]")
 _ESCAPE: Final = 0x7D  # '}'
 _RUN: Final = 0x2A  # '*'
 _START: Final = 0x24  # '$'
@@ -103,7 +105,7 @@ def checksum(data: bytes) -> int:
 
 def escape(payload: bytes) -> bytes:
     """``payload`` with ``$ # } *`` escaped as ``}`` + byte XOR 0x20."""
-    if not any(b in _SPECIAL for b in payload):
+    if _NEEDS_ESCAPE.search(payload) is None:  # nearly every reply: one C-level scan
         return payload
     out = bytearray()
     for b in payload:
@@ -206,11 +208,9 @@ class Codec:
             expected = int(digits, 16)
         except ValueError:
             expected = -1
-        if not self.ack_mode:
-            # No-ack mode: the transport is reliable; the checksum is not checked (gdb's
-            # manual: "the checksum ... should be ignored"), but the payload must decode.
-            expected = checksum(raw)
-        if expected != checksum(raw):
+        # No-ack mode: the transport is reliable; the checksum is not checked (gdb's
+        # manual: "the checksum ... should be ignored"), but the payload must decode.
+        if self.ack_mode and expected != checksum(raw):
             return self._refuse(f"bad checksum {digits!r} for a {len(raw)}-byte packet")
         data = unescape(raw)
         if data is None:
@@ -256,6 +256,8 @@ class Codec:
 
     def data_to_send(self) -> bytes:
         """Acks and NAKs queued by :meth:`next_event` (and forgets them)."""
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from hwbkpt._blocking import Client
@@ -59,8 +59,8 @@ class ProgramPackets:
     exec_events: bool
     last_stop: _Stop
     held: set[int]
-    regs: dict[int, dict[str, int]]
-    memory: dict[tuple[int, int], bytes]
+    regs: dict[int, Mapping[str, int]]
+    memory: dict[bytes, bytes]  # m replies of this stop, by packet
     pending: list[_Stop]
     points: dict[tuple[int, int, int], _Point]
     by_watch: dict[int, _Point]

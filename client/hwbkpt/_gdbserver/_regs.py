@@ -13,6 +13,7 @@ and a write to them is refused.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -114,7 +115,7 @@ TARGET_XML: Final = (
 ).encode()
 
 
-def pack_one(reg: Register, regs: dict[str, int]) -> bytes:
+def pack_one(reg: Register, regs: Mapping[str, int]) -> bytes:
     """One register in the target's byte order as hex; ``xx…`` if it is unavailable."""
     if reg.daemon is None or reg.daemon not in regs:
         return b"xx" * reg.size
@@ -122,7 +123,7 @@ def pack_one(reg: Register, regs: dict[str, int]) -> bytes:
     return value.to_bytes(reg.size, "little").hex().encode()
 
 
-def pack_all(regs: dict[str, int]) -> bytes:
+def pack_all(regs: Mapping[str, int]) -> bytes:
     """The reply to ``g``: every register in order."""
     return b"".join(pack_one(reg, regs) for reg in REGISTERS)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -23,6 +24,7 @@ from hwbkpt._gdbserver._access import (
     peer_uid_unix,
 )
 from hwbkpt._gdbserver._session import GdbSession
+from hwbkpt_proto import NoSuchProcessError
 
 __all__ = ["configure", "run", "serve"]
 
@@ -64,29 +66,42 @@ def serve(client: Client, pid: int, rfd: int, wfd: int) -> int:
     the process is gone. Returns an exit status. Raises what :class:`GdbSession` raises
     when the process cannot be attached."""
     session = GdbSession(client, pid, lambda data: _write_all(wfd, data))
+    # Everything imported and set up so far lives as long as the server: keep the cyclic
+    # collector from scanning it again and again while a debugger steps through stops.
+    gc.freeze()
     poller = select.poll()
     poller.register(rfd, select.POLLIN)
     poller.register(client.fileno(), select.POLLIN)
     try:
         while not session.finished:
-            session.pump_events()
-            if session.finished:
-                break
-            for fd, _ in poller.poll(1000):
-                if fd == rfd:
-                    try:
-                        data = os.read(rfd, 65536)
-                    except OSError:
-                        data = b""
-                    try:
-                        session.receive_data(data)
-                    except BrokenPipeError:
-                        session.leave()
-                elif not session.finished:
-                    session.pump_events(wait=1.0)  # readable: it returns at once
+            try:
+                _serve_once(session, poller, rfd)
+            except NoSuchProcessError as err:
+                # The process ended under a request (its exit event not read yet): the
+                # debugger still gets its exit reply, not a closed connection.
+                session.process_gone(err)
     finally:
         session.leave()
     return EXIT_OK
+
+
+def _serve_once(session: GdbSession, poller: select.poll, rfd: int) -> None:
+    """One turn: the daemon's events, then whatever the debugger or the daemon sent."""
+    session.pump_events()
+    if session.finished:
+        return
+    for fd, _ in poller.poll(1000):
+        if fd == rfd:
+            try:
+                data = os.read(rfd, 65536)
+            except OSError:
+                data = b""
+            try:
+                session.receive_data(data)
+            except BrokenPipeError:
+                session.leave()
+        elif not session.finished:
+            session.pump_events(readable=True)
 
 
 def _listen(spec: str, listen_any: bool) -> socket.socket:

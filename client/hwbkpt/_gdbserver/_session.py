@@ -17,7 +17,10 @@ Theory of operation:
   ``Z2``/``Z4`` a region split the gdb way, all pieces or ``E01``; ``Z1`` and ``Z0`` a
   hardware execute slot, so that ``break`` never writes an ``int3`` into code the other
   debuggers and the program share. (Not a uprobe: a uprobe stops the thread only after the
-  probed instruction has run, HACKING.md, and gdb needs it stopped at the address.)
+  probed instruction has run, and this kernel's verifier refuses the BPF program that
+  could move it back, HACKING.md; gdb needs it stopped at the address.) A ``Z0``/``Z1``
+  that gets no slot is ``E01`` plus a line on stderr naming the slots and who holds them
+  (``_noslot.py``): gdb's own message for it is "Cannot access memory".
   ``Z3`` gets the empty reply: x86 has no read-only watchpoints, and gdb then emulates
   ``rwatch`` with an access watchpoint, exactly as native gdb does
   (``x86_insert_watchpoint`` refuses ``hw_read``).
@@ -35,13 +38,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from hwbkpt._blocking import Client
 from hwbkpt._events import Event
 from hwbkpt._gdbserver import _regs
 from hwbkpt._gdbserver._codec import Ack, Codec, Dropped, Interrupt, Nak, Packet
+from hwbkpt._gdbserver._noslot import no_slot_message
 from hwbkpt._gdbserver._packets import (
     ALL_THREADS,
     ANY_THREAD,
@@ -63,6 +67,9 @@ log = logging.getLogger(__name__)
 PACKET_SIZE = 0x4000
 #: How long the session waits for the threads of one ``hold_all`` to stop.
 HOLD_TIMEOUT = 10.0
+# How long a session whose process ended under a request waits for the exit event that
+# carries its status (it follows at once: the daemon reaps the process, then tells).
+GONE_WAIT = 2.0
 _MAX_MEMORY = 0x10000  # bytes per m/M/X (gdb asks for at most PacketSize / 2)
 _PAGE = 4096
 _SIGTRAP = 5
@@ -70,6 +77,8 @@ _SIGINT = 2
 
 
 _Z_ACCESS = {0: "x", 1: "x", 2: "w", 4: "rw"}
+#: The registers every stop reply carries, as (gdb's regnum, the daemon's name).
+_EXPEDITED = tuple((n, _regs.REGISTERS[n].daemon or "") for n in (6, 7, 16))
 _Z_REASON = {0: "swbreak", 1: "hwbreak", 2: "watch", 4: "awatch"}
 
 
@@ -91,7 +100,7 @@ class _Stop:
     tid: int
     signal: int
     reasons: list[tuple[str, str]] = field(default_factory=list)
-    regs: dict[str, int] | None = None
+    regs: Mapping[str, int] | None = None
     # A thread event (QThreadEvents, _program): the thread was created (reason "create")
     # or exited (then ``signal`` is its exit status and the reply a ``w``).
     thread_event: str | None = None
@@ -114,16 +123,22 @@ class GdbSession(ProgramPackets):
         self.pid = pid
         self._write = write
         self.codec = Codec(max_packet=PACKET_SIZE + 0x400)
+        self._debug = log.isEnabledFor(logging.DEBUG)  # asked once, not twice per packet
         self.finished = False
         self._last_sent = b""
+        self._last_packet = b""
+        self._unacked = False  # a reply sent in ack mode and not acknowledged yet
         self.held: set[int] = set()
         self.running = False
         self.exited: str | None = None  # the W/X reply once the process is gone
         self.pending: list[_Stop] = []
-        self.regs: dict[int, dict[str, int]] = {}
-        # Memory read during one stop (gdb reads a watched value several times per stop);
-        # emptied whenever a thread may run or memory is written.
-        self.memory: dict[tuple[int, int], bytes] = {}
+        # Registers of each held thread: the stop event's own (read-only, decoded lazily:
+        # most stops need only the three the stop reply expedites), a dict once written.
+        self.regs: dict[int, Mapping[str, int]] = {}
+        # Replies to the m packets of one stop, by packet (gdb reads a watched value three
+        # times per stop, the same packet each time); emptied whenever a thread may run or
+        # memory is written.
+        self.memory: dict[bytes, bytes] = {}
         self.libraries: dict[bytes, bytes] = {}
         self.points: dict[tuple[int, int, int], _Point] = {}
         self.by_watch: dict[int, _Point] = {}
@@ -132,6 +147,7 @@ class GdbSession(ProgramPackets):
         self.exec_events = False  # exec stops as "exec:" replies (the debugger asked)
         self.last_stop = _Stop(pid, _SIGTRAP)
         self.told: dict[int, tuple[int, int]] = {}  # see _program.ProgramPackets
+        self._task_dir = f"/proc/{pid}/task"
         client.attach(pid)
         client.signals(pid)
         self._mem_fd = self._open_mem(pid)
@@ -173,6 +189,15 @@ class GdbSession(ProgramPackets):
         while not self.finished:
             event = self.codec.next_event()
             if isinstance(event, Packet):
+                if self._unacked and event.data == self._last_packet and self.codec.ack_mode:
+                    # In ack mode gdb acks each reply before it sends its next packet, so
+                    # the same packet again while our reply is unacked is gdb resending
+                    # it after its ack timeout (remotetimeout, 2 s: a server starting
+                    # slowly on a busy machine); answering it twice would make every
+                    # later reply the answer to the packet before.
+                    log.info("ignored a retransmission of %r", event.data[:40])
+                    continue
+                self._last_packet = event.data
                 self._packet(event.data)
             elif isinstance(event, Interrupt):
                 self._interrupt()
@@ -183,6 +208,7 @@ class GdbSession(ProgramPackets):
                 log.warning("dropped a packet from the debugger: %s", event.reason)
                 self._flush()
             elif isinstance(event, Ack):
+                self._unacked = False
                 continue
             else:
                 break
@@ -194,13 +220,16 @@ class GdbSession(ProgramPackets):
             self._write(acks)
 
     def _send(self, payload: bytes) -> None:
-        log.debug("-> %r", payload[:200])
+        if self._debug:
+            log.debug("-> %r", payload[:200])
         wire = self.codec.send(payload)
         self._last_sent = wire.lstrip(b"+-")
+        self._unacked = self.codec.ack_mode
         self._write(wire)
 
     def _packet(self, data: bytes) -> None:
-        log.debug("<- %r", data[:200])
+        if self._debug:
+            log.debug("<- %r", data[:200])
         handler = self._handlers.get(data[0]) if data else None
         if handler is None:
             self._send(b"")
@@ -221,10 +250,14 @@ class GdbSession(ProgramPackets):
 
     # -- daemon events --------------------------------------------------------------------
 
-    def pump_events(self, wait: float = 0.0) -> None:
+    def pump_events(self, wait: float = 0.0, *, readable: bool = False) -> None:
         """Handle every event the daemon has sent. ``wait`` > 0 reads the daemon's socket
-        (waiting up to that long: call it when the socket is readable); 0 takes only the
-        events already received, without a system call."""
+        (waiting up to that long); 0 takes only the events already received, without a
+        system call. ``readable`` says the caller's ``poll`` found the socket readable:
+        it is read at once, without polling it again (once per stop)."""
+        if readable:
+            self.client.read_ready()
+            wait = 0.0
         event = self.client.next_event(timeout=wait)
         while event is not None and not self.finished:
             self._on_event(event)
@@ -237,7 +270,7 @@ class GdbSession(ProgramPackets):
         if event.kind == "stop" and event.get("pid") == self.pid:
             tid = int(event.tid)
             self.held.add(tid)
-            self.regs[tid] = dict(event.regs)
+            self.regs[tid] = event.regs
             stop = self._stop_of(event)
             if stop is not None:
                 self.pending.append(stop)
@@ -275,7 +308,7 @@ class GdbSession(ProgramPackets):
             break
         if reason == "watch" and not reasons:
             return None  # its watch was removed meanwhile: nothing to tell the debugger
-        return _Stop(int(event.tid), _SIGTRAP, reasons, dict(event.regs))
+        return _Stop(int(event.tid), _SIGTRAP, reasons, event.regs)
 
     def _report_if_stopped(self) -> None:
         """While the debugger waits: report the process's end, or a stop after holding all."""
@@ -305,9 +338,10 @@ class GdbSession(ProgramPackets):
         regs = stop.regs or self.regs.get(stop.tid)
         if regs:
             # Expedite rbp, rsp, rip (regnums 6, 7, 16) so gdb needs no 'g' for a frame.
-            for regnum in (6, 7, 16):
-                reg = _regs.REGISTERS[regnum]
-                parts.append(f"{regnum:02x}:{_regs.pack_one(reg, regs).decode()};")
+            parts.extend(
+                f"{regnum:02x}:{regs[name].to_bytes(8, 'little').hex()};"
+                for regnum, name in _EXPEDITED
+            )
         parts.append(f"thread:{self._tid(stop.tid)};")
         parts.extend(f"{name}:{value};" for name, value in stop.reasons)
         return "".join(parts).encode()
@@ -319,7 +353,7 @@ class GdbSession(ProgramPackets):
         try:
             waiting = set(self.client.hold_all(self.pid))
         except NoSuchProcessError:
-            self.exited = self.exited or "W00"
+            self._await_exit()
             return
         deadline = time.monotonic() + HOLD_TIMEOUT
         next_check = time.monotonic() + 0.2
@@ -338,12 +372,18 @@ class GdbSession(ProgramPackets):
 
     def _all_held(self) -> bool:
         """Whether every thread of the process is held for this debugger already (then no
-        thread runs, so none can be created meanwhile: the answer cannot go stale)."""
+        thread runs, so none can be created meanwhile: the answer cannot go stale).
+
+        Asked at every stop, so it costs one ``stat``: the link count of /proc/PID/task is
+        2 + the number of threads (``proc_task_getattr`` adds ``get_nr_threads``,
+        fs/proc/base.c), the same threads its listing shows, zombies included. A thread
+        held here is in a ptrace-stop and leaves it only when this debugger resumes it or
+        the whole process dies, so as many threads as held ones means these are all."""
         try:
-            tids = {int(t) for t in os.listdir(f"/proc/{self.pid}/task")}
+            links = os.stat(self._task_dir).st_nlink
         except OSError:
             return False
-        return tids <= self.held
+        return links - 2 <= len(self.held)
 
     # -- resuming -------------------------------------------------------------------------
 
@@ -394,6 +434,26 @@ class GdbSession(ProgramPackets):
             return
         tid = self.pid if self.pid in self.held else min(self.held, default=self.pid)
         self._report(_Stop(tid, _SIGINT))
+
+    def process_gone(self, err: HwbkptError) -> None:
+        """The daemon said the process has exited while this session was busy with it
+        (``err``). Its ``exit`` event, with the real status, follows: wait for it a
+        little, then tell the debugger if it is waiting for a stop."""
+        log.info("the process has gone: %s", err)
+        self._await_exit()
+        if self.running:
+            self._report_if_stopped()
+
+    def _await_exit(self) -> None:
+        """Set :attr:`exited` from the process's ``exit`` event, which follows when the
+        daemon has said it is gone (W00 if it does not come within ``GONE_WAIT``)."""
+        deadline = time.monotonic() + GONE_WAIT
+        while self.exited is None and time.monotonic() < deadline:
+            event = self.client.next_event(timeout=0.1)
+            if event is not None:
+                self._on_event(event)
+        self.exited = self.exited or "W00"
+        self.held.clear()
 
     def leave(self) -> None:
         """The debugger is gone or left: drop its watches and holds, and finish."""
@@ -539,7 +599,7 @@ class GdbSession(ProgramPackets):
         tid = parse_thread(data[1:])
         return b"OK" if os.path.exists(f"/proc/{self.pid}/task/{tid}") else b"E01"
 
-    def _thread_regs(self) -> dict[str, int]:
+    def _thread_regs(self) -> Mapping[str, int]:
         tid = self.g_thread
         if tid not in self.regs:
             self.regs[tid] = self.client.get_regs(tid)
@@ -583,7 +643,7 @@ class GdbSession(ProgramPackets):
         changes = {k: v for k, v in changes.items() if current.get(k) != v}
         if changes:
             self.client.set_regs(self.g_thread, changes)
-            current.update(changes)
+            self.regs[self.g_thread] = {**current, **changes}
         return b"OK"
 
     def _address(self, text: bytes) -> tuple[int, int]:
@@ -615,17 +675,17 @@ class GdbSession(ProgramPackets):
         return self.client.read_memory(self.pid, addr, length)
 
     def _on_m(self, data: bytes) -> bytes:
-        addr, length = self._address(data[1:])
-        cached = self.memory.get((addr, length))
+        cached = self.memory.get(data)
         if cached is not None and not self.running:
             return cached
+        addr, length = self._address(data[1:])
         try:
             reply = self._read(addr, length).hex().encode()
         except InvalidArgumentError:
             pass
         else:
             if not self.running and len(self.memory) < 256:
-                self.memory[(addr, length)] = reply
+                self.memory[data] = reply
             return reply
         # Part of the range is not mapped: answer what can be read up to there, as
         # gdbserver does (gdb reads across the end of a mapping when it scans).
@@ -696,6 +756,7 @@ class GdbSession(ProgramPackets):
         if kind in (0, 1):
             watch = self.client.watch(self.pid, addr, 1, access="x", mode="stop")
             if watch.state != "installed":
+                self._say_no_slot(watch.threads, f"breakpoint at {addr:#x}")
                 watch.remove()
                 return None
             return _Point(kind, addr, [watch.id], {watch.id: addr})
@@ -705,6 +766,16 @@ class GdbSession(ProgramPackets):
             self.pid, addr, size, access=_Z_ACCESS[kind], mode="stop"
         )
         return _Point(kind, addr, [w.id for w in watches], {w.id: w.addr for w in watches})
+
+    def _say_no_slot(self, threads: dict[int, str], what: str) -> None:
+        """Tell the user, on stderr (gdb shows it), why ``what`` got no slot: gdb itself
+        can only say "Cannot access memory" (hwbkpt/_gdbserver/_noslot.py)."""
+        try:
+            status = self.client.call("status")
+        except HwbkptError as err:  # the refusal stands; the explanation is a bonus
+            log.warning("%s not inserted: no hardware slot free (%s)", what, err)
+            return
+        log.warning("%s", no_slot_message(status, self.pid, threads, what, os.getpid()))
 
     def _on_remove(self, data: bytes) -> bytes:
         kind, addr, size = self._z_args(data)
