@@ -276,6 +276,10 @@ class TargetRec:
     # Attached clients that asked to be told of signals (``signals``): the signals each
     # passes without being told (gdb's QPassSignals).
     signal_clients: dict[int, frozenset[int]] = field(default_factory=dict)
+    # Attached clients that asked for each new thread to be held for them at its first
+    # stop (``attach`` with ``hold_threads``: a debugger's all-stop at a thread-create
+    # report). Only those still attached count.
+    hold_new: set[int] = field(default_factory=set)
 
 
 @dataclass(eq=False, slots=True)

@@ -439,7 +439,9 @@ class EngineBackend:
         return pid
 
     def _attach(self, client: ClientHandle, p: Params) -> dict[str, Any]:
-        return {"threads": self.engine.attach(client.id, self._target_pid(client, p))}
+        hold = p.boolean("hold_threads", False)
+        pid = self._target_pid(client, p)
+        return {"threads": self.engine.attach(client.id, pid, hold_threads=hold)}
 
     def _detach(self, client: ClientHandle, p: Params) -> None:
         self.engine.leave(client.id, self._target_pid(client, p))

@@ -153,15 +153,22 @@ class StopHandling:
         thread.interrupt_requesters.add(cid)
         self._interrupt_if_running(thread)
 
-    def attach(self, cid: int, pid: int) -> list[int]:
+    def attach(self, cid: int, pid: int, *, hold_threads: bool = False) -> list[int]:
         """Keep process ``pid`` seized for ``cid`` until it leaves (:meth:`leave`), with
-        or without watches; ``cid`` is told of its exit. Returns its threads.
+        or without watches; ``cid`` is told of its exit, and of each thread that appears
+        or ends (``thread`` events, :meth:`_tell_thread`). ``hold_threads``: each new
+        thread is held for ``cid`` from its first stop (attach again to change it).
+        Returns its threads.
 
         Raises NoSuchProcessError, BusyError (another tracer), PermissionDeniedError.
         """
         target = self._ensure_target(pid)
         target.attached.add(cid)
         target.clients.add(cid)
+        if hold_threads:
+            target.hold_new.add(cid)
+        else:
+            target.hold_new.discard(cid)
         return sorted(t.tid for t in target.threads.values() if not t.detaching)
 
     def leave(self, cid: int, pid: int) -> None:
@@ -171,6 +178,7 @@ class StopHandling:
         """
         target = self._attached_target(cid, pid)
         target.attached.discard(cid)
+        target.hold_new.discard(cid)
         target.signal_clients.pop(cid, None)
         for thread in list(target.threads.values()):
             thread.interrupt_requesters.discard(cid)
@@ -234,6 +242,7 @@ class StopHandling:
         if tid == target.pid or not target.threads:
             self._end_target(target, code, sig)
         else:
+            self._tell_thread(target, tid, "exit", code=code, signal=sig)
             self._end_thread_watches(target, tid, code, sig)
 
     def on_signal_stop(self, tid: int, sig: int) -> None:
@@ -300,6 +309,9 @@ class StopHandling:
         elif event == EVENT_STOP:
             if prev is ThreadState.NEW:
                 self._reconcile(thread)
+                target = self.targets.get(thread.pid)
+                if target is not None and not thread.detaching:
+                    self._new_thread(target, thread)
             self._event_stop(thread)
             return
         requesters = self._take_interrupts(thread)
@@ -307,6 +319,27 @@ class StopHandling:
             thread.holds.update(requesters)
             self._send_stop(thread, {cid: [] for cid in requesters}, reason="interrupt")
         self._release(thread)
+
+    def _new_thread(self, target: TargetRec, thread: ThreadRec) -> None:
+        """A new thread's first stop (it is seized now and has run no instruction): held
+        for the attached clients that asked (``hold_threads``; each gets a ``stop`` of
+        reason "thread" first), then every attached client gets the ``thread`` event."""
+        holders = {
+            cid for cid in target.hold_new & target.attached if cid in self._clients
+        }
+        if holders:
+            thread.holds.update(holders)
+            self._send_stop(thread, {cid: [] for cid in holders}, reason="thread")
+        self._tell_thread(target, thread.tid, "new")
+
+    def _tell_thread(self, target: TargetRec, tid: int, state: str, **extra: Any) -> None:
+        """A ``thread`` event for every client attached to ``target`` (a debugger keeps
+        its thread list from them). ``state`` "new" is sent at the new thread's first stop:
+        only then is it seized, so a ``hold_all`` answered after the event includes it."""
+        fields = {"pid": target.pid, "tid": tid, "state": state, **extra}
+        for cid in sorted(target.attached):
+            if cid in self._clients:
+                self._emit(cid, "thread", dict(fields), False)
 
     def _orphan_stop(self, tid: int, sig: int) -> None:
         """A stop of a thread no target claims (its process was let go): let it go too."""

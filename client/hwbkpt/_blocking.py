@@ -318,10 +318,16 @@ class Client:
         """Stop thread ``tid``; a ``stop`` event follows."""
         self.call("interrupt", tid=tid)
 
-    def attach(self, pid: int) -> list[int]:
+    def attach(self, pid: int, *, hold_threads: bool = False) -> list[int]:
         """Keep process ``pid`` managed for this client, with or without watches, until
-        :meth:`detach`; returns its threads. An ``exit`` event follows its end."""
-        return list(self.call("attach", pid=pid)["threads"])
+        :meth:`detach`; returns its threads. A ``thread`` event (``state`` "new" or
+        "exit") follows each thread that appears or ends, an ``exit`` event its end.
+        ``hold_threads``: each new thread is held for this client from its first stop (a
+        ``stop`` event with reason "thread" comes first); attach again to change it."""
+        params: dict[str, Any] = {"pid": pid}
+        if hold_threads:
+            params["hold_threads"] = True
+        return list(self.call("attach", **params)["threads"])
 
     def detach(self, pid: int) -> None:
         """Leave process ``pid``: release every thread this client holds in it."""

@@ -1,5 +1,6 @@
 """What a debugger learns of the program's life beyond registers and memory: the signals
-it receives, its exec, its shared libraries. A mixin of :class:`._session.GdbSession`.
+it receives, its exec, its threads coming and going, its shared libraries. A mixin of
+:class:`._session.GdbSession`.
 
 * **Signals.** The session asks the daemon for the program's signals (``signals``), minus
   those gdb passes silently (``QPassSignals``); each comes as a stop reply with gdb's number
@@ -9,6 +10,13 @@ it receives, its exec, its shared libraries. A mixin of :class:`._session.GdbSes
 * **Exec.** The daemon keeps the session attached through an exec and holds the new
   program for it; the stop reply says ``exec:PATH`` when gdb asked for exec events, and gdb
   loads the new program as native gdb does ("process N is executing new program").
+* **Threads.** The daemon tells an attached client of each thread created or ended
+  (``thread`` events). When gdb asked for them (``QThreadEvents:1``; ``:0`` stops them; gdb
+  13 asks only in non-stop mode), a new thread is a stop reply ``T05create:;...thread:T;``
+  for the new thread and an exited one ``wXX;T`` (XX its exit status), as gdbserver sends
+  them (gdbserver/remote-utils.cc, prepare_resume_reply). All-stop: each is reported like
+  any stop, with every thread (the new one included) held for the debugger until its next
+  resume. Otherwise nothing changes: gdb learns of threads at stops (``qXfer:threads``).
 * **Libraries.** ``qXfer:libraries-svr4:read`` walks the dynamic linker's list in the
   server (:mod:`._svr4`), so gdb needs no ``m`` packet per link map field.
 """
@@ -21,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from hwbkpt._blocking import Client
+from hwbkpt._events import Event
 from hwbkpt._gdbserver import _svr4
 from hwbkpt._gdbserver._packets import (
     ALL_THREADS,
@@ -36,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ProgramPackets"]
 
+_SIGTRAP = 5  # gdb's number for SIGTRAP: the signal of a "create" stop, as gdbserver's
 _GDB_UNKNOWN = 143  # GDB_SIGNAL_UNKNOWN: what a signal without a gdb number is reported as
 
 
@@ -45,6 +55,7 @@ class ProgramPackets:
     client: Client
     pid: int
     running: bool
+    exited: str | None
     exec_events: bool
     last_stop: _Stop
     held: set[int]
@@ -57,8 +68,10 @@ class ProgramPackets:
     # Per thread: the signal it stopped with for this debugger (host, gdb's number), until
     # the debugger resumes it and says what becomes of it.
     told: dict[int, tuple[int, int]]
+    thread_events = False  # report thread create/exit (the debugger sent QThreadEvents:1)
     libraries: dict[bytes, bytes]  # the last qXfer:libraries-svr4 document, by annex
     _read: Callable[[int, int], bytes]
+    _tid: Callable[[int], str]
     _resume: Callable[[list[tuple[str, int, int | None]]], bytes | None]
 
     if TYPE_CHECKING:
@@ -146,6 +159,64 @@ class ProgramPackets:
         except OSError:
             return []
         return [("exec", path.encode().hex())]
+
+    # -- threads -------------------------------------------------------------------------
+
+    def _on_thread_events(self, data: bytes) -> bytes:
+        """``QThreadEvents:1`` / ``QThreadEvents:0``: report thread creation and exit, or
+        stop doing so. Raises PacketError for any other argument (E01; gdbserver answers
+        an error too, server.cc handle_general_set)."""
+        arg = data.partition(b":")[2]
+        if arg not in (b"0", b"1"):
+            raise PacketError(f"QThreadEvents takes 0 or 1, not {arg[:20]!r}")
+        self.thread_events = arg == b"1"
+        # The daemon holds each new thread for us from its first stop, so that the thread a
+        # "create" reply names has run nothing and is still there when gdb looks at it (as
+        # with gdbserver, whose new threads start stopped: ptrace's auto-attach).
+        self.client.attach(self.pid, hold_threads=self.thread_events)
+        return b"OK"
+
+    def _on_thread(self, event: Event) -> None:
+        """A ``thread`` event: forget an ended thread; queue a create/exit report when the
+        debugger asked for them (sent by the session as any stop: all threads held)."""
+        # At runtime only: _session imports this module.
+        from hwbkpt._gdbserver._session import _Stop
+
+        tid = int(event.tid)
+        state = event.get("state")
+        if state == "exit":
+            # Not held any more (it is gone): never resumed nor listed again.
+            self.held.discard(tid)
+            self.regs.pop(tid, None)
+            self.told.pop(tid, None)
+            self.pending = [s for s in self.pending if s.tid != tid or s.thread_event]
+        if state == "new" and tid in self.held and not self.thread_events:
+            # Held for us (QThreadEvents:1) but reports were switched off meanwhile.
+            if not self.running:
+                return  # it runs at the next resume, with the others
+            self.held.discard(tid)
+            self.regs.pop(tid, None)
+            self.client.resume(tid, wait=False)
+            return
+        if not self.thread_events or state not in ("new", "exit"):
+            return
+        if state == "new":
+            self.pending.append(_Stop(tid, _SIGTRAP, [("create", "")], thread_event="create"))
+        else:
+            code = int(event.get("code") or 0) & 0xFF
+            self.pending.append(_Stop(tid, code, thread_event="exit"))
+
+    def _exits_before_end(self) -> bool:
+        """Once the process is gone (``exited``): whether a thread exit is still to be
+        reported before its end. The daemon tells each thread's exit before the process's
+        (threads end before the leader in an exit_group), and gdbserver reports them in
+        that order; every other pending stop is moot now and dropped."""
+        self.pending = [s for s in self.pending if s.thread_event == "exit"]
+        return bool(self.pending)
+
+    def _thread_exit_reply(self, stop: _Stop) -> bytes:
+        """``wXX;THREAD``: thread ``stop.tid`` exited with status XX (remote-utils.cc)."""
+        return f"w{stop.signal:x};{self._tid(stop.tid)}".encode()
 
     # -- libraries ------------------------------------------------------------------------
 

@@ -24,7 +24,8 @@ Theory of operation:
   ``Z3`` gets the empty reply: x86 has no read-only watchpoints, and gdb then emulates
   ``rwatch`` with an access watchpoint, exactly as native gdb does
   (``x86_insert_watchpoint`` refuses ``hw_read``).
-* Signals, exec and shared libraries: :mod:`._program`.
+* Signals, exec, thread create/exit (``QThreadEvents``) and shared libraries:
+  :mod:`._program`.
 * ``D`` and ``k`` both mean "this debugger leaves": its watches go, its holds are released
   (``detach``), the process runs on for the others. Nothing is ever killed.
 
@@ -100,6 +101,9 @@ class _Stop:
     signal: int
     reasons: list[tuple[str, str]] = field(default_factory=list)
     regs: Mapping[str, int] | None = None
+    # A thread event (QThreadEvents, _program): the thread was created (reason "create")
+    # or exited (then ``signal`` is its exit status and the reply a ``w``).
+    thread_event: str | None = None
 
 
 class GdbSession(ProgramPackets):
@@ -276,14 +280,16 @@ class GdbSession(ProgramPackets):
             self.held.clear()
         elif event.kind == "exec" and event.get("pid") == self.pid:
             self._on_exec()
+        elif event.kind == "thread" and event.get("pid") == self.pid:
+            self._on_thread(event)
         elif event.kind in ("error", "lost", "disconnected"):
             log.warning("daemon: %s %s", event.kind, event.fields)
 
     def _stop_of(self, event: Event) -> _Stop | None:
         """The stop reply for a ``stop`` event, or None for an interrupt or a stale hit."""
         reason = event.get("reason")
-        if reason == "interrupt":
-            return None
+        if reason in ("interrupt", "thread"):
+            return None  # "thread": a new thread held for us; reported from its thread event
         if reason == "exec":
             return _Stop(int(event.tid), _SIGTRAP, self._exec_reasons(), dict(event.regs))
         if reason == "signal":
@@ -306,14 +312,14 @@ class GdbSession(ProgramPackets):
 
     def _report_if_stopped(self) -> None:
         """While the debugger waits: report the process's end, or a stop after holding all."""
-        if self.exited is not None:
+        if self.exited is not None and not self._exits_before_end():
             self.running = False
             self._send(self._exit_reply())
             return
         if not self.pending:
             return
         self._hold_all()
-        if self.exited is not None:
+        if self.exited is not None and not self._exits_before_end():
             self.running = False
             self._send(self._exit_reply())
             return
@@ -326,6 +332,8 @@ class GdbSession(ProgramPackets):
         self._send(self._stop_reply(stop))
 
     def _stop_reply(self, stop: _Stop) -> bytes:
+        if stop.thread_event == "exit":
+            return self._thread_exit_reply(stop)
         parts = [f"T{stop.signal:02x}"]
         regs = stop.regs or self.regs.get(stop.tid)
         if regs:
@@ -382,10 +390,12 @@ class GdbSession(ProgramPackets):
     def _resume(self, actions: list[tuple[str, int, int | None]]) -> bytes | None:
         """Apply ``vCont`` actions (verb, thread, gdb's signal number or None); the stop
         reply follows later (returns no reply)."""
-        if self.exited is not None:
+        if self.exited is not None and not self._exits_before_end():
             return self._exit_reply()
-        self.pending = [s for s in self.pending if s.tid in self.held]
+        self.pending = [s for s in self.pending if s.tid in self.held or s.thread_event]
         if self.pending:
+            if self.pending[0].thread_event and self.exited is None:
+                self._hold_all()  # all-stop: a thread created meanwhile is held too
             self._report(self.pending.pop(0))  # report before anything runs (gdbserver)
             return None
         self.running = True
@@ -554,7 +564,7 @@ class GdbSession(ProgramPackets):
         if data.startswith((b"QPassSignals:", b"QProgramSignals:")):
             return self._on_signal_list(data)
         if data.startswith(b"QThreadEvents:"):
-            return b"OK"
+            return self._on_thread_events(data)
         return b""
 
     def _on_v(self, data: bytes) -> bytes | None:
@@ -572,8 +582,8 @@ class GdbSession(ProgramPackets):
                     raise PacketError(f"bad vCont action {item[:20]!r}")
                 actions.append((verb[:1].lower().decode(), parse_thread(thread) if thread
                                 else ALL_THREADS, number))
-            self._resume(actions)
-            return None
+            # Its reply is the process's end when that is known already, else a later stop.
+            return self._resume(actions)
         if data.startswith(b"vKill"):
             self.leave()
             return b"OK"
