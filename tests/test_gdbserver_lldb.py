@@ -56,7 +56,9 @@ def wait_running_with(client: hwbkpt.Client, pid: int, keys: set[tuple[int, str]
                         return {(s["addr"], s["access"]) for s in th["slots"]}
         return set()
 
-    wait_until(lambda: keys <= carried(), what=f"the debuggers to insert {keys}")
+    # Three debuggers and their servers start in parallel (gdb, lldb and a Python server
+    # each): seconds on a busy machine, so this waits longer than the usual TIMEOUT.
+    wait_until(lambda: keys <= carried(), timeout=60, what=f"the debuggers to insert {keys}")
 
 
 @pytest.mark.timeout(120)
