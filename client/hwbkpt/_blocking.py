@@ -132,26 +132,16 @@ class Client:
         if self._sock is None:
             self._session.check_alive()
             return False
-        if now:
-            try:
-                data = self._sock.recv(_RECV_SIZE, _socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return False
-            except OSError as err:
-                self._session.connection_lost(f"reading from the socket failed: {err}")
-            else:
-                self._session.receive_data(data)
-            if self._session.lost:
-                self._drop_socket()
-            return True
-        if deadline is not None:
+        if not now and deadline is not None:
             remaining = deadline - time.monotonic()
             # poll() takes milliseconds and rounds a fraction up, so it never wakes early;
             # a hangup or an error counts as readable, and recv() then reports it.
             if remaining <= 0 or not self._readable.poll(remaining * 1000):
                 return False
         try:
-            data = self._sock.recv(_RECV_SIZE)
+            data = self._sock.recv(_RECV_SIZE, _socket.MSG_DONTWAIT if now else 0)
+        except BlockingIOError:
+            return False  # ``now``: a call since the caller's poll took the data already
         except OSError as err:
             self._session.connection_lost(f"reading from the socket failed: {err}")
         else:

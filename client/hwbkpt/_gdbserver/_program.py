@@ -38,7 +38,6 @@ from hwbkpt._gdbserver._packets import (
     host_signal,
     parse_signal_list,
 )
-from hwbkpt_proto import HwbkptError
 
 if TYPE_CHECKING:
     from hwbkpt._gdbserver._session import _Point, _Stop
@@ -71,6 +70,7 @@ class ProgramPackets:
     thread_events = False  # report thread create/exit (the debugger sent QThreadEvents:1)
     libraries: dict[bytes, bytes]  # the last qXfer:libraries-svr4 document, by annex
     _read: Callable[[int, int], bytes]
+    _drop_points: Callable[[], None]
     _tid: Callable[[int], str]
     _resume: Callable[[list[tuple[str, int, int | None]]], bytes | None]
 
@@ -136,14 +136,7 @@ class ProgramPackets:
         self.pending.clear()
         # gdb forgets its insertions at an exec (they were in the old program) and inserts
         # them afresh: the old ones must not be counted as inserted still.
-        for point in self.points.values():
-            for wid in point.ids:
-                try:
-                    self.client.call("unwatch", id=wid)
-                except HwbkptError:
-                    pass
-        self.points.clear()
-        self.by_watch.clear()
+        self._drop_points()
         # /proc/PID/mem opened before the exec reads the old program's memory.
         if self._mem_fd is not None:
             os.close(self._mem_fd)

@@ -455,11 +455,9 @@ class GdbSession(ProgramPackets):
         self.exited = self.exited or "W00"
         self.held.clear()
 
-    def leave(self) -> None:
-        """The debugger is gone or left: drop its watches and holds, and finish."""
-        if self.finished:
-            return
-        self.finished = True
+    def _drop_points(self) -> None:
+        """Remove every breakpoint and watchpoint this debugger inserted (best effort: a
+        point of a process that has gone is gone with it)."""
         for point in list(self.points.values()):
             for wid in point.ids:
                 try:
@@ -467,6 +465,14 @@ class GdbSession(ProgramPackets):
                 except HwbkptError:
                     pass
         self.points.clear()
+        self.by_watch.clear()
+
+    def leave(self) -> None:
+        """The debugger is gone or left: drop its watches and holds, and finish."""
+        if self.finished:
+            return
+        self.finished = True
+        self._drop_points()
         try:
             self.client.detach(self.pid)
         except HwbkptError:
