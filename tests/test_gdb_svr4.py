@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from hwbkpt._gdbserver._svr4 import NoDynamicSection, library_list
+from hwbkpt._gdbserver._svr4 import NoDynamicSection, library_list, r_debug_location
 from tests._daemon import Daemon
 from tests._gdb import GDB, Gdb, gdb_factory, server_command
 from tests._progs import Target, build
@@ -81,6 +81,18 @@ def test_the_link_map_walk() -> None:
     # The vDSO (its l_ld in the hidden range) is left out, as gdb leaves it out.
     _, libs = libraries(library_list(mem.read, auxv, hidden=(0x2001, 0x2002)))
     assert [lib["name"] for lib in libs] == [n.decode() for n in NAMES[2:]]
+
+
+def test_qshlibinfoaddr_is_where_the_r_debug_pointer_is_stored() -> None:
+    """lldb reads a pointer at the answer (lldb-server answers the same): the DT_DEBUG
+    entry's value, the second entry of the fake dynamic section."""
+    mem, auxv = fake()
+    where = r_debug_location(mem.read, auxv)
+    assert where == DYNAMIC + 16 + 8
+    assert struct.unpack("<Q", mem.read(where, 8))[0] == R_DEBUG
+    mem, auxv = fake(dynamic=False)
+    with pytest.raises(NoDynamicSection):
+        r_debug_location(mem.read, auxv)
 
 
 def test_an_incremental_annex_walks_from_start() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,7 +21,7 @@ from tests._daemon import Daemon
 from tests._gdb import GDB, LLDB, Batch, batch_factory, server_command
 from tests._progs import Target, build
 from tests.test_gdbserver_live import gdbserver, listening_on
-from tests.test_watch import info_int, wait_until
+from tests.test_watch import info_int
 
 __all__ = ["batch_factory"]
 
@@ -58,7 +59,15 @@ def wait_running_with(client: hwbkpt.Client, pid: int, keys: set[tuple[int, str]
 
     # Three debuggers and their servers start in parallel (gdb, lldb and a Python server
     # each): seconds on a busy machine, so this waits longer than the usual TIMEOUT.
-    wait_until(lambda: keys <= carried(), timeout=60, what=f"the debuggers to insert {keys}")
+    deadline = time.monotonic() + 60
+    while not keys <= (now := carried()):
+        if time.monotonic() > deadline:
+            pytest.fail(
+                "the debuggers did not insert "
+                f"{sorted((hex(a), k) for a, k in keys - now)} within 60 s; the thread's "
+                f"slots hold {sorted((hex(a), k) for a, k in now)}"
+            )
+        time.sleep(0.01)
 
 
 @pytest.mark.timeout(120)

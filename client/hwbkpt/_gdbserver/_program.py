@@ -23,6 +23,7 @@ it receives, its exec, its threads coming and going, its shared libraries. A mix
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Callable, Mapping
@@ -38,11 +39,14 @@ from hwbkpt._gdbserver._packets import (
     host_signal,
     parse_signal_list,
 )
+from hwbkpt_proto import HwbkptError
 
 if TYPE_CHECKING:
     from hwbkpt._gdbserver._session import _Point, _Stop
 
 __all__ = ["ProgramPackets"]
+
+log = logging.getLogger(__name__)
 
 _SIGTRAP = 5  # gdb's number for SIGTRAP: the signal of a "create" stop, as gdbserver's
 _GDB_UNKNOWN = 143  # GDB_SIGNAL_UNKNOWN: what a signal without a gdb number is reported as
@@ -230,6 +234,16 @@ class ProgramPackets:
             raise PacketError(f"no SVR4 library list: {err}") from None
         self.libraries = {annex: data}
         return data
+
+    def _on_shlib_info_addr(self) -> bytes:
+        """``qShlibInfoAddr`` (lldb): where the address of ``struct r_debug`` is stored
+        (``_svr4.r_debug_location``), hex; E01 for a static program."""
+        try:
+            addr = _svr4.r_debug_location(self._read, self._auxv())
+        except (_svr4.NoDynamicSection, struct.error, OSError, HwbkptError) as err:
+            log.info("qShlibInfoAddr: %s", err)
+            return b"E01"
+        return f"{addr:x}".encode()
 
     def _vdso(self) -> tuple[int, int]:
         """The vDSO's mapping (``[vdso]`` in /proc/PID/maps), or (0, 0)."""

@@ -512,6 +512,8 @@ class GdbSession(ProgramPackets):
                 "qXfer:libraries-svr4:read+;swbreak+;"
                 "hwbreak+;vContSupported+;QThreadEvents+;QPassSignals+"
             ).encode()
+        if name == b"qShlibInfoAddr":
+            return self._on_shlib_info_addr()
         if name == b"qAttached":
             return b"1"
         if name == b"qC":

@@ -25,7 +25,7 @@ from xml.sax.saxutils import quoteattr
 
 from hwbkpt_proto import HwbkptError
 
-__all__ = ["NoDynamicSection", "library_list"]
+__all__ = ["NoDynamicSection", "library_list", "r_debug_location"]
 
 # <elf.h>
 _AT_PHDR = 3
@@ -84,6 +84,24 @@ def _r_debug(read: Read, dynamic: int) -> int:
         if tag == _DT_DEBUG:
             return int(value)
     return 0
+
+
+def r_debug_location(read: Read, auxv: bytes) -> int:
+    """The address of the ``DT_DEBUG`` entry's value in the program's dynamic section: the
+    word where ld.so stores the address of its ``struct r_debug``. That is what lldb asks
+    with ``qShlibInfoAddr`` (lldb-server answers the same: lldb reads the pointer there).
+    Unanswered, lldb takes ``main-lm`` of the library list for it, reads a "pointer" from
+    the main program's ``link_map`` and puts its rendezvous breakpoint at a word of an ELF
+    header (measured: 0x1003e0003), or at ``_start``: one hardware slot wasted. Raises
+    NoDynamicSection (a static program, or no ``DT_DEBUG``) and what ``read`` raises."""
+    dynamic = _dynamic_section(read, auxv)
+    for i in range(_MAX_DYN):
+        tag, _ = struct.unpack("<qQ", read(dynamic + i * _DYN_SIZE, _DYN_SIZE))
+        if tag == _DT_NULL:
+            break
+        if tag == _DT_DEBUG:
+            return dynamic + i * _DYN_SIZE + 8
+    raise NoDynamicSection("the program's dynamic section has no DT_DEBUG entry")
 
 
 def _string(read: Read, addr: int) -> bytes:
