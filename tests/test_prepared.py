@@ -102,3 +102,26 @@ def test_the_report_is_credited_as_a_pure_stop_is() -> None:
     # A report with an older counter credits nothing (as _refresh).
     h.engine.fast_apply([(tid, True, (1,), (last + 1,))], stops=0, traps=0)
     assert (a.count, b.count) == (2, 2)
+
+
+
+def test_a_thread_whose_signal_is_being_chosen_is_the_engines() -> None:
+    """A client named a signal at a watch stop while another still holds the thread: the
+    last resume decides what the thread runs with (hwbkptd/_signals.py), which the round's
+    plain CONT with 0 would drop, so the table leaves the thread out meanwhile."""
+    from tests.test_engine import write
+    from tests.test_signals_engine import USR2
+
+    h, tid = setup()
+    h.engine.watch(1, PID, X, Mode.STOP)
+    h.engine.watch(2, PID, X, Mode.STOP)
+    h.kernel.handled.add(USR2)
+    assert write(h, tid, X)
+    h.take()
+    assert [t[0] for t in h.engine.fast_table(32)] == [tid]  # held, planned
+    h.engine.resume(1, tid, USR2)  # client 2 still holds it
+    h.settle()
+    assert h.engine.fast_table(32) == []
+    h.engine.resume(2, tid)
+    h.settle()
+    assert h.kernel.delivered == [(tid, USR2)]
