@@ -51,3 +51,14 @@ def test_an_open_access_is_handed_out_once_settled() -> None:
     f.add(7, 0x401000, 0, [1])
     assert [a.watches for a in f.ready(now=SETTLE_NS + SAME_EXCEPTION_NS + 1)] == [[1]]
     assert f.flush() == []
+
+
+def test_an_exception_preempted_for_half_a_millisecond_is_still_one_access() -> None:
+    # A vCPU descheduled by its host between the samples of one exception.
+    f = Folder()
+    f.add(7, 0x401000, 0, [1])
+    f.add(7, 0x401000, 1 * US, [2])
+    f.add(7, 0x401000, 500 * US, [3])
+    f.add(7, 0x401000, 501 * US, [4])
+    f.add(7, 0x401000, 520 * US, [1])  # the next store
+    assert [a.watches for a in f.flush()] == [[1, 2, 3, 4], [1]]

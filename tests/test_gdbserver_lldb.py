@@ -44,28 +44,31 @@ def lldb_port(daemon: Daemon, pid: int) -> Iterator[str]:
         assert server.wait(30) == 0
 
 
-def wait_running_with(client: hwbkpt.Client, pid: int, keys: set[tuple[int, str]]) -> None:
-    """Wait until the main thread carries every ``(addr, access)`` of ``keys``: each
-    debugger has attached, inserted its breakpoints (gdb and lldb insert them only when
-    they resume, and remove them at each stop) and continued."""
+def wait_running_with(client: hwbkpt.Client, pid: int, keys: dict[tuple[int, str], int]) -> None:
+    """Wait until the main thread carries at least ``n`` watches on each ``(addr, access)``
+    of ``keys``: each debugger has attached, inserted its breakpoints (gdb and lldb insert
+    them only when they resume, and remove them at each stop) and continued. Counting
+    watches, not keys, keeps a key another client already watches from passing early."""
 
-    def carried() -> set[tuple[int, str]]:
+    def carried() -> dict[tuple[int, str], int]:
         for t in client.status()["targets"]:
             if t["pid"] == pid:
                 for th in t["threads"]:
                     if th["tid"] == pid:
-                        return {(s["addr"], s["access"]) for s in th["slots"]}
-        return set()
+                        return {(s["addr"], s["access"]): len(s["watches"]) for s in th["slots"]}
+        return {}
+
+    def missing(now: dict[tuple[int, str], int]) -> list[tuple[str, str, int]]:
+        return sorted((hex(a), k, n) for (a, k), n in keys.items() if now.get((a, k), 0) < n)
 
     # Three debuggers and their servers start in parallel (gdb, lldb and a Python server
     # each): seconds on a busy machine, so this waits longer than the usual TIMEOUT.
     deadline = time.monotonic() + 60
-    while not keys <= (now := carried()):
+    while missing(now := carried()):
         if time.monotonic() > deadline:
             pytest.fail(
-                "the debuggers did not insert "
-                f"{sorted((hex(a), k) for a, k in keys - now)} within 60 s; the thread's "
-                f"slots hold {sorted((hex(a), k) for a, k in now)}"
+                f"the debuggers did not insert (addr, access, watches) {missing(now)} within "
+                f"60 s; the thread's slots hold {sorted((hex(a), k, n) for (a, k), n in now.items())}"
             )
         time.sleep(0.01)
 
@@ -82,7 +85,7 @@ def test_lldb_watchpoint_breakpoint_registers_memory_detach(
             "detach",
         ])
         with hwbkpt.Client(daemon.socket, name="peek") as peek:
-            wait_running_with(peek, proc.pid, {(info_int(proc, "addr"), "w")})
+            wait_running_with(peek, proc.pid, {(info_int(proc, "addr"), "w"): 1})
         proc.go()
         out = lldb.output()
     assert "stop reason = watchpoint 1" in out, out
@@ -111,9 +114,10 @@ def test_two_gdbs_one_lldb_and_a_counter_each_see_their_own_stops(
         server = server_command(daemon.socket, proc.pid)
         a = batch_factory("gdb", program, server, ["watch var"] + ["continue"] * (n + 1))
         b = batch_factory("gdb", program, server, ["watch var2"] + ["continue"] * (n + 1))
+        # The counter's own watch shares var's slot: gdb a's makes it two.
         wait_running_with(counter, proc.pid, {
-            (info_int(proc, "addr"), "w"), (info_int(proc, "addr2"), "w"),
-            (info_int(proc, "func"), "x")})
+            (info_int(proc, "addr"), "w"): 2, (info_int(proc, "addr2"), "w"): 1,
+            (info_int(proc, "func"), "x"): 1})
         proc.go()
         out_lldb, out_a, out_b = lldb.output(), a.output(), b.output()
     assert proc.wait() == 0

@@ -18,13 +18,23 @@ piece, all at the same ``ip``. The time-sorted stream of a thread is cut into ac
 
 * the ``ip`` changes, or a piece already in the current access comes again (exact), or
 * the time since the previous sample exceeds :data:`SAME_EXCEPTION_NS` (a heuristic, only
-  needed when one instruction makes consecutive accesses to *different* pieces, e.g. a
-  byte loop: measured on the project's VMs, samples of one exception lie 0.15-2.5 us apart,
-  rarely up to 18 us under load; consecutive accesses of one thread at least 4.2 us).
+  needed when one instruction makes consecutive accesses to *different* pieces without
+  touching a piece twice, e.g. a slow byte loop).
+
+Samples of one exception normally lie 0.15-2.5 us apart, but a guest's vCPU can be
+descheduled by its host in the middle of the exception. With a 50 us limit and a 250 ms
+settle time a fresh CI machine once split one store of a hundred in two (whether by such a
+gap or by a late drain could not be told afterwards). Consecutive
+accesses of one thread are at least a debug exception apart (4.2 us measured, usually
+9-18 us), so no gap can tell them apart from a preempted exception for certain: the limit is
+set at 1 ms, where preemption is rarer than any loop that matters is slow, and the exact
+rules above do the rest.
 
 Samples of one access may be drained in two rounds (a drain can fall between two rings), so
 a sample is folded only once it is :data:`SETTLE_NS` old (``time`` is ``CLOCK_MONOTONIC``,
-the clock of this machine; the CLI runs beside the daemon) or at :meth:`Folder.flush`.
+the clock of this machine; the CLI runs beside the daemon) or at :meth:`Folder.flush`. An
+access is thereby printed at most about a second after it happened, and a daemon starved of
+the CPU for less than that still delivers all of its samples in time.
 """
 
 from __future__ import annotations
@@ -34,8 +44,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["SAME_EXCEPTION_NS", "SETTLE_NS", "Access", "Folder"]
 
-SAME_EXCEPTION_NS = 50_000
-SETTLE_NS = 250_000_000
+SAME_EXCEPTION_NS = 1_000_000
+SETTLE_NS = 1_000_000_000
 
 
 @dataclass
