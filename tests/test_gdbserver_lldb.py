@@ -66,9 +66,10 @@ def wait_running_with(client: hwbkpt.Client, pid: int, keys: dict[tuple[int, str
     deadline = time.monotonic() + 60
     while missing(now := carried()):
         if time.monotonic() > deadline:
+            held = sorted((hex(a), k, n) for (a, k), n in now.items())
             pytest.fail(
                 f"the debuggers did not insert (addr, access, watches) {missing(now)} within "
-                f"60 s; the thread's slots hold {sorted((hex(a), k, n) for (a, k), n in now.items())}"
+                f"60 s; the thread's slots hold {held}"
             )
         time.sleep(0.01)
 
