@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from hwbkpt_proto._pure import source_first as _source_first
-
 __all__ = ["__version__"]
-
-# Before any submodule is imported: HWBKPT_PURE=1 runs them from source (hwbkpt_proto/_pure.py).
-_source_first(__name__)
 
 try:
     __version__: str = _metadata.version("hwbkptd")

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from mypy_extensions import trait
-
 from hwbkptd._model import Mode, Spec
-from hwbkptd._records import EngineParts, SlotRec, TargetRec, ThreadRec, ThreadState, WatchRec
+from hwbkptd._records import SlotRec, TargetRec, ThreadRec, ThreadState, WatchRec
 
 __all__ = ["FastSlot", "FastThread", "PreparedStops"]
 
@@ -52,8 +50,7 @@ FastSlot = tuple[object, int, tuple[tuple[int, int], ...], bool]
 FastThread = tuple[int, int, tuple[int, ...], tuple[FastSlot, ...], bool]
 
 
-@trait
-class PreparedStops(EngineParts):
+class PreparedStops:
     """The engine's side of the compiled stop round (module docstring)."""
 
     # Provided by hwbkptd._engine.Engine.

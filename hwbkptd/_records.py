@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import enum
 import signal
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
-
-from mypy_extensions import trait
 
 from hwbkptd._bpf import HITS_BASE, WORD_LAST_NEW, WORD_LAST_OLD
 from hwbkptd._cond import Condition
@@ -213,7 +211,7 @@ class SlotRec:
     """One installed kernel breakpoint event, shared by every watch of its spec on a thread."""
 
     spec: Spec
-    handle: Any
+    handle: object
     mode: Mode
     token: int
     tid: int = 0
@@ -288,82 +286,3 @@ class TargetRec:
 class ClientRec:
     id: int
     watches: dict[int, WatchRec] = field(default_factory=dict)
-
-
-@trait
-class EngineParts:
-    """What one part of the engine calls on another (``Engine`` in ``hwbkptd/_engine.py``
-    defines these; ``StopHandling``, ``SignalHandling`` and ``PreparedStops`` are its parts).
-
-    A declared base rather than ``if TYPE_CHECKING`` stubs in each part, so the engine
-    compiles with mypyc (a class body may hold no ``if``; a native class has one non-trait
-    base): every part is a trait of this one. Being the last base in the engine's method
-    resolution order, none of these bodies ever runs.
-    """
-
-    def _known(self, tid: int) -> ThreadRec | None:
-        raise NotImplementedError
-
-    def _thread(self, tid: int) -> ThreadRec:
-        raise NotImplementedError
-
-    def _threads_for(self, target: TargetRec, tid: int | None) -> list[ThreadRec]:
-        raise NotImplementedError
-
-    def _attached_target(self, cid: int, pid: int) -> TargetRec:
-        raise NotImplementedError
-
-    def _drop_watch(self, watch: WatchRec, reason: str | None) -> None:
-        raise NotImplementedError
-
-    def _end_watch(
-        self, watch: WatchRec, reason: str, code: int | None = None, sig: int | None = None
-    ) -> None:
-        raise NotImplementedError
-
-    def _end_thread_watches(
-        self, target: TargetRec, tid: int, code: int | None, sig: int | None
-    ) -> None:
-        raise NotImplementedError
-
-    def _reconcile(
-        self, thread: ThreadRec, fresh: Collection[WatchRec] = (), *, again: bool = True
-    ) -> None:
-        raise NotImplementedError
-
-    def _reconcile_target(self, target: TargetRec) -> None:
-        raise NotImplementedError
-
-    def _close_slot(self, thread: ThreadRec, spec: Spec) -> None:
-        raise NotImplementedError
-
-    def _refresh(self, slot: SlotRec) -> list[WatchRec]:
-        raise NotImplementedError
-
-    def _add_thread(self, target: TargetRec, tid: int, state: ThreadState) -> ThreadRec:
-        raise NotImplementedError
-
-    def _ensure_target(self, pid: int) -> TargetRec:
-        raise NotImplementedError
-
-    def _send_stop(
-        self,
-        thread: ThreadRec,
-        stops: dict[int, list[int]],
-        *,
-        reason: str,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        raise NotImplementedError
-
-    def _signal_watchers(self, thread: ThreadRec, sig: int) -> set[int]:
-        raise NotImplementedError
-
-    def _report_signal(self, thread: ThreadRec, sig: int, watchers: set[int]) -> None:
-        raise NotImplementedError
-
-    def _choose_signal(self, thread: ThreadRec, cid: int, sig: int | None) -> None:
-        raise NotImplementedError
-
-    def _settle_signal(self, thread: ThreadRec) -> None:
-        raise NotImplementedError

@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterable
-
-from mypy_extensions import trait
+from typing import TYPE_CHECKING, Any
 
 from hwbkpt_proto import NoSuchProcessError
-from hwbkptd._records import SIGTRAP, EngineParts, Port, SignalStop, TargetRec, ThreadRec
+from hwbkptd._records import SIGTRAP, Port, SignalStop, TargetRec, ThreadRec
 
 __all__ = ["MAX_SIGNAL", "NEVER_REPORTED", "SignalHandling", "settle"]
 
@@ -63,13 +62,24 @@ def settle(stop: SignalStop) -> int:
     return 0 if stop.told else stop.signal
 
 
-@trait
-class SignalHandling(EngineParts):
+class SignalHandling:
     """The engine's handling of signals for debuggers; state comes from ``Engine``."""
 
     _port: Port
     targets: dict[int, TargetRec]
     counters: dict[str, int]
+
+    if TYPE_CHECKING:
+
+        def _attached_target(self, cid: int, pid: int) -> TargetRec: ...
+        def _send_stop(
+            self,
+            thread: ThreadRec,
+            stops: dict[int, list[int]],
+            *,
+            reason: str,
+            extra: dict[str, Any] | None = None,
+        ) -> None: ...
 
     def catch_signals(self, cid: int, pid: int, report: bool, passed: Iterable[int]) -> None:
         """Tell ``cid`` of ``pid``'s signals from now on (``report``), except ``passed``;

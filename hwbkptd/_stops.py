@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
-from mypy_extensions import trait
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from hwbkpt_proto import BusyError, HwbkptError, NoSuchProcessError
 from hwbkptd._model import Mode, Spec
@@ -67,8 +65,8 @@ from hwbkptd._records import (
     TRAP_TRACE,
     ClientRec,
     Emit,
-    EngineParts,
     Port,
+    SlotRec,
     TargetRec,
     ThreadRec,
     ThreadState,
@@ -80,8 +78,7 @@ __all__ = ["StopHandling"]
 log = logging.getLogger("hwbkptd._engine")
 
 
-@trait
-class StopHandling(EngineParts):
+class StopHandling:
     """The engine's handling of ptrace stops; state and allocation come from ``Engine``."""
 
     # Provided by hwbkptd._engine.Engine.
@@ -98,6 +95,31 @@ class StopHandling(EngineParts):
     on_trap_hook: Callable[[ThreadRec, set[Spec], set[int]], dict[int, int]] | None
     interest_hook: Callable[[int], bool] | None
     forget_hook: Callable[[int, Iterable[int]], None] | None
+
+    if TYPE_CHECKING:
+
+        def _known(self, tid: int) -> ThreadRec | None: ...
+        def _thread(self, tid: int) -> ThreadRec: ...
+        def _threads_for(self, target: TargetRec, tid: int | None) -> list[ThreadRec]: ...
+        def _drop_watch(self, watch: WatchRec, reason: str | None) -> None: ...
+        def _end_watch(
+            self, watch: WatchRec, reason: str, code: int | None = None, sig: int | None = None
+        ) -> None: ...
+        def _end_thread_watches(
+            self, target: TargetRec, tid: int, code: int | None, sig: int | None
+        ) -> None: ...
+        def _reconcile(
+            self, thread: ThreadRec, fresh: Collection[WatchRec] = (), *, again: bool = True
+        ) -> None: ...
+        def _reconcile_target(self, target: TargetRec) -> None: ...
+        def _close_slot(self, thread: ThreadRec, spec: Spec) -> None: ...
+        def _refresh(self, slot: SlotRec) -> list[WatchRec]: ...
+        def _add_thread(self, target: TargetRec, tid: int, state: ThreadState) -> ThreadRec: ...
+        def _ensure_target(self, pid: int) -> TargetRec: ...
+        def _signal_watchers(self, thread: ThreadRec, sig: int) -> set[int]: ...
+        def _report_signal(self, thread: ThreadRec, sig: int, watchers: set[int]) -> None: ...
+        def _choose_signal(self, thread: ThreadRec, cid: int, sig: int | None) -> None: ...
+        def _settle_signal(self, thread: ThreadRec) -> None: ...
 
     def resume(self, cid: int, tid: int, signal: int | None = None) -> None:
         """Release ``cid``'s hold on a stopped thread; ``signal``: what it says of the

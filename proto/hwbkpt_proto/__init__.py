@@ -5,8 +5,6 @@ client libraries each wrap a :class:`Connection` around their own socket. The wi
 limits, handshake, methods and events are documented in ``proto/PROTOCOL.md``.
 """
 
-# First: with HWBKPT_PURE set, the submodules below load from source (_pure.py).
-from hwbkpt_proto import _pure  # noqa: F401  (isort: keep first)
 from hwbkpt_proto._connection import Connection
 from hwbkpt_proto._errors import (
     BusyError,
