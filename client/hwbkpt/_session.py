@@ -17,8 +17,10 @@ The request path (issue 13)
 A watch+unwatch loop is two requests and two answers, each a few dozen bytes. Going through
 :class:`Request` (its checks), :func:`~hwbkpt_proto.encode` (a new msgpack ``Packer`` per
 message) and the :class:`Connection` decoder (feed, parse ahead, container hooks,
-:func:`~hwbkpt_proto.from_wire`, a checked :class:`Response`) cost ~12 µs per request, more
-than a third of the client library's Python per pair. So :meth:`Session.request` packs a
+:func:`~hwbkpt_proto.from_wire`, a checked :class:`Response`) cost 3 to 3.5 µs to encode
+a ``watch`` and 3.5 to 5.5 µs to decode an answer (``time.thread_time``, best of 7), ~16 µs
+of the library's ~30 µs of Python per pair; this way it is 1.5 and 1 to 4 µs (~8 µs a
+pair; bench "client library CPU/pair", bench/README.md). So :meth:`Session.request` packs a
 well-formed call with one reused ``Packer``, and :meth:`Session.receive_data` decodes a
 successful answer that arrives alone in one read with one ``unpackb`` and the checks the
 connection would make of it (:func:`_plain`). Both produce exactly what the general path
