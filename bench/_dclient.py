@@ -269,6 +269,12 @@ async def _maybe_await(x: Any) -> Any:
 
 
 def rpc(p: Params) -> None:
+    """``p["clients"]`` trio clients in this process, client i doing ``p["iters"]``
+    watch+remove pairs on thread ``p["tids"][i]``. Says ``ready`` once every client is
+    connected, starts them all at the line on stdin (the harness starts several such
+    processes and opens them together, bench/README.md), and reports every pair's latency
+    with the start and end of its loop (``perf_counter_ns``, CLOCK_MONOTONIC: comparable
+    between processes) and this process's CPU over it."""
     import trio
 
     import hwbkpt
@@ -277,8 +283,9 @@ def rpc(p: Params) -> None:
     iters = int(p["iters"])
     lat: list[int] = []
 
-    async def one(i: int, start: trio.Event) -> None:
+    async def one(i: int, connected: Callable[[], None], start: trio.Event) -> None:
         async with hwbkpt.AsyncClient(socket=p["socket"]) as c:
+            connected()
             await start.wait()
             for _ in range(iters):
                 t0 = time.perf_counter_ns()
@@ -287,27 +294,124 @@ def rpc(p: Params) -> None:
                 await _maybe_await(w.remove())
                 lat.append(time.perf_counter_ns() - t0)
 
-    async def main() -> dict[str, int]:
+    async def main() -> dict[str, Any]:
         # One anchor watch keeps the target managed, so the loop measures watch+unwatch
-        # and not attach+detach of the whole process (DESIGN.md §5.5).
+        # and not attach+detach of the whole process (DESIGN.md §5.5). Every process
+        # holds its own (they share one slot) for as long as its clients run.
         async with hwbkpt.AsyncClient(socket=p["socket"]) as anchor:
             await anchor.watch(p["pid"], p["addr"] + 24, length=8, access="w", mode="count",
                                tid=p["pid"])
-            start = trio.Event()
+            start, all_in = trio.Event(), trio.Event()
+            waiting = [int(p["clients"])]
+
+            def connected() -> None:
+                waiting[0] -= 1
+                if not waiting[0]:
+                    all_in.set()
+
             async with trio.open_nursery() as n:
                 for i in range(int(p["clients"])):
-                    n.start_soon(one, i, start)
-                await trio.sleep(0.2)  # let every client connect first
+                    n.start_soon(one, i, connected, start)
+                await all_in.wait()
+                _say("ready")
+                await trio.to_thread.run_sync(sys.stdin.readline)
                 t0 = time.perf_counter_ns()
                 cpu0 = time.process_time_ns()
                 start.set()
-            wall = time.perf_counter_ns() - t0
+            t1 = time.perf_counter_ns()
             cpu = time.process_time_ns() - cpu0  # this process: the client library's CPU
-        lat.sort()
-        return {"pairs": len(lat), "wall_ns": wall, "p50_ns": lat[len(lat) // 2],
-                "p99_ns": lat[len(lat) * 99 // 100], "client_cpu_ns": cpu}
+        return {"pairs": len(lat), "t0_ns": t0, "t1_ns": t1, "client_cpu_ns": cpu,
+                "lat_ns": lat}
 
     _say("result", trio.run(main))
+
+
+def rpclib(p: Params) -> None:
+    """The client library's CPU per watch+remove pair with no daemon: the real client
+    (``p["client"]``: ``blocking`` or ``trio``) connected to a socket of this process,
+    whose far end writes each answer (as the daemon encodes it) just before the call, so
+    a read always finds it: the library's Python and its own system calls (send, poll or
+    epoll, recv), none of the waiting or wake-ups of a real round trip. ``p["n"]`` pairs,
+    CPU time of this process over the loop (the far end's ``send`` of each answer
+    included)."""
+    import os
+    import socket
+    import tempfile
+
+    import msgpack
+    import trio
+
+    import hwbkpt
+
+    n, pid, tid, addr = int(p["n"]), 4321, 4322, 0x5555_5555_8010
+    answers = []
+    for i in range(n):  # msgid 1 was hello
+        answers.append(msgpack.packb([1, 2 + 2 * i, None, {
+            "id": 1000 + i, "state": "installed", "threads": {tid: "installed"}}]))
+        answers.append(msgpack.packb([1, 3 + 2 * i, None, None]))
+    with tempfile.TemporaryDirectory(prefix="hwbkpt-rpclib-") as tmp, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        path = os.path.join(tmp, "lib.sock")
+        listener.bind(path)
+        listener.listen(1)
+        hello = msgpack.packb([1, 1, None, {"version": 2}])
+        far: list[socket.socket] = []
+
+        def serve_hello() -> None:
+            conn, _ = listener.accept()
+            far.append(conn)
+            conn.recv(65536)
+            conn.sendall(hello)
+
+        def check(w: Any, i: int) -> None:
+            if w.id != 1000 + i or w.state != "removed":
+                raise RuntimeError(f"pair {i}: watch {w.id} in state {w.state!r}")
+
+        def drain(i: int) -> None:
+            if i % 64 == 63:  # the requests, so the socket never fills (they are ~100 B)
+                far[0].recv(1 << 20, socket.MSG_DONTWAIT)
+
+        if p["client"] == "blocking":
+            import threading
+
+            t = threading.Thread(target=serve_hello)
+            t.start()
+            with hwbkpt.Client(socket=path) as c:
+                t.join()
+                send = far[0].send
+                cpu0 = time.process_time_ns()
+                for i in range(n):
+                    send(answers[2 * i])
+                    w = c.watch(pid, addr, length=8, access="w", mode="count", tid=tid)
+                    send(answers[2 * i + 1])
+                    w.remove()
+                    check(w, i)
+                    drain(i)
+                cpu = time.process_time_ns() - cpu0
+        else:
+            async def main() -> int:
+                c = hwbkpt.AsyncClient(socket=path)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, serve_hello)
+                    await c.connect()
+                try:
+                    send = far[0].send
+                    cpu0 = time.process_time_ns()
+                    for i in range(n):
+                        send(answers[2 * i])
+                        w = await c.watch(pid, addr, length=8, access="w", mode="count",
+                                          tid=tid)
+                        send(answers[2 * i + 1])
+                        await w.remove()
+                        check(w, i)
+                        drain(i)
+                    return time.process_time_ns() - cpu0
+                finally:
+                    await c.aclose()
+
+            cpu = trio.run(main)
+        far[0].close()
+    _say("result", {"n": n, "cpu_ns_per_pair": cpu / n})
 
 
 def gdbcpu(p: Params) -> None:
@@ -408,7 +512,7 @@ MODES: dict[str, Callable[[Params], None]] = {
     "ping": ping, "count": count, "notify": notify, "stop": stop, "libcpu": libcpu,
     "gdbcpu": gdbcpu,
     "cond": cond, "gdb": gdb,
-    "threads": threads, "memory": memory, "rpc": rpc,
+    "threads": threads, "memory": memory, "rpc": rpc, "rpclib": rpclib,
 }
 
 

@@ -81,6 +81,11 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
         elif name == "rpc":
             for by in sc["by_clients"].values():
                 assert _daemon_ok(by["daemon"]), name
+            # the 32 clients spread over processes, and the library's CPU without a daemon
+            assert sc["params"]["procs_per_run"]["32"] > 1
+            for key in ("blocking_cpu_us", "trio_cpu_us"):
+                assert _is_figure(sc["client_lib"].get(key)), key
+                assert sc["client_lib"][key]["median"] > 0, key
         else:
             assert _daemon_ok(sc["daemon"]), name
     cond = data["scenarios"]["cond"]  # issue 12: every row measured (figures meaningless)
@@ -98,3 +103,4 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     assert "C reference" in res.stdout  # the table was printed
     assert "client library CPU/stop, protocol v2" in res.stdout
+    assert "client library CPU/pair, trio, no daemon" in res.stdout

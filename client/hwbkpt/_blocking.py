@@ -42,21 +42,43 @@ class Watch(WatchInfo):
         super().__init__(result, **spec)
         self._client = client
 
+    @classmethod
+    def _made(
+        cls,
+        client: Client,
+        result: dict[str, Any],
+        pid: int,
+        addr: int,
+        length: int,
+        access: str,
+        mode: str,
+        tid: int | None,
+        priority: int,
+        condition: str | None,
+    ) -> Watch:
+        """``cls(client, result, pid=pid, ...)``, with positional arguments (WatchInfo._fill)."""
+        watch = cls.__new__(cls)
+        watch._client = client
+        watch._fill(result, pid, addr, length, access, mode, tid, priority, condition)
+        return watch
+
     def count(self) -> int:
         """Hits of this watch since it was installed (any mode); after its process exited
         or called exec (``state == "ended"``), its final count.
 
         Raises NotFoundError once the watch was removed.
         """
-        return int(self._client.call("count", id=self.id))
+        client = self._client
+        return int(client._call("count", {"id": self.id}, client.timeout))
 
     def remove(self) -> None:
         """Remove the watch (``unwatch``), ended or not; its slots go to pending watches.
 
         Raises NotFoundError if it was removed already.
         """
-        self._client.call("unwatch", id=self.id)
-        self._client._session.forget_watch(self.id)
+        client = self._client
+        client._call("unwatch", {"id": self.id}, client.timeout)
+        client._session.forget_watch(self.id)
         self.state = "removed"
 
 
@@ -175,14 +197,19 @@ class Client:
         ``timeout`` (seconds, ``None`` for no limit) defaults to the client's. Raises the
         daemon's error class, :class:`ConnectionLostError` or :class:`TimeoutError`.
         """
-        msgid, data = self._session.request(method, params)
+        return self._call(method, params, self.timeout if timeout is _DEFAULT else timeout)
+
+    def _call(self, method: str, params: dict[str, Any], timeout: float | None) -> Any:
+        """:meth:`call` with the params as one map (the wrapped methods build it once)."""
+        session = self._session
+        msgid, data = session.request(method, params)
         self._send(data)
-        deadline = self._deadline(self.timeout if timeout is _DEFAULT else timeout)
-        while not self._session.has_result(msgid) and not self._session.lost:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not session.has_result(msgid) and not session.lost:
             if not self._receive(deadline):
-                self._session.abandon(msgid)
+                session.abandon(msgid)
                 raise TimeoutError(f"hwbkptd did not answer {method!r} in time")
-        return self._session.take_result(msgid)
+        return session.take_result(msgid)
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, waiting up to ``timeout`` seconds (``None``: forever).
@@ -237,12 +264,10 @@ class Client:
         ``condition`` (e.g. ``"new == 1234"``, PROTOCOL.md "Conditions"): only hits for
         which it is true count, notify or stop. Raises InvalidArgumentError (with the
         column and what was expected) for one that does not parse."""
-        spec: dict[str, Any] = {
-            "pid": pid, "addr": addr, "length": length, "access": access, "mode": mode,
-            "tid": tid, "priority": priority, "condition": condition,
-        }
-        result = self.call("watch", **watch_params(**spec))
-        watch = Watch(self, result, **spec)
+        params = watch_params(pid, addr, length, access, mode, tid, priority, condition)
+        result = self._call("watch", params, self.timeout)
+        watch = Watch._made(self, result, pid, addr, length, access, mode, tid, priority,
+                            condition)
         self._session.track_watch(watch)
         return watch
 

@@ -11,6 +11,22 @@ the socket, write what :meth:`Session.request` returns and feed what they read t
   caller was waiting for a response, so none is lost or reordered.
 * when the connection goes away every call still waiting, and every later one, raises
   :class:`ConnectionLostError` with the reason.
+
+The request path (issue 13)
+---------------------------
+A watch+unwatch loop is two requests and two answers, each a few dozen bytes. Going through
+:class:`Request` (its checks), :func:`~hwbkpt_proto.encode` (a new msgpack ``Packer`` per
+message) and the :class:`Connection` decoder (feed, parse ahead, container hooks,
+:func:`~hwbkpt_proto.from_wire`, a checked :class:`Response`) cost 3 to 3.5 µs to encode
+a ``watch`` and 3.5 to 5.5 µs to decode an answer (``time.thread_time``, best of 7), ~16 µs
+of the library's ~30 µs of Python per pair; this way it is 1.5 and 1 to 4 µs (~8 µs a
+pair; bench "client library CPU/pair", bench/README.md). So :meth:`Session.request` packs a
+well-formed call with one reused ``Packer``, and :meth:`Session.receive_data` decodes a
+successful answer that arrives alone in one read with one ``unpackb`` and the checks the
+connection would make of it (:func:`_plain`). Both produce exactly what the general path
+does; anything else (an error answer, two messages in one read, a value the checks refuse,
+an answer nobody waits for) takes the general path, which builds the same bytes or names
+the same error.
 """
 
 from __future__ import annotations
@@ -19,6 +35,8 @@ import collections
 import os
 import sys
 from typing import Any
+
+import msgpack
 
 from hwbkpt._events import Event, WatchInfo
 from hwbkpt_proto import (
@@ -49,6 +67,40 @@ DEFAULT_SOCKET = "/run/hwbkptd/hwbkptd.sock"
 
 #: Environment variable that overrides :data:`DEFAULT_SOCKET`.
 SOCKET_ENV = "HWBKPT_SOCKET"
+
+# Session._take_response: the bytes a successful response starts with ([1, msgid, nil,
+# result]: fixarray 4, then 1), and the most one may weigh to be decoded in one piece.
+_RESPONSE_HEAD = b"\x94\x01"
+_RESPONSE_MAX = 4096
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+_KEYS = frozenset({str, int, bytes})
+_STR = frozenset({str})
+_unpackb = msgpack.unpackb
+# Deeper results (a daemon's are 3 deep at most) are left to the general path, so the
+# recursion of _plain stays short whatever Limits.max_depth says.
+_FAST_DEPTH = 16
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """True if ``value`` is plain msgpack (no ``ext`` values, map keys str, int or bytes)
+    with containers nested at most ``depth`` deep: what :class:`Connection` checks of a
+    decoded message. The types of a container's elements are tested in C (``issuperset``);
+    only nested containers recurse, at most ``depth`` (:data:`_FAST_DEPTH`) calls deep."""
+    t = type(value)
+    if t is dict:
+        if not _KEYS.issuperset(map(type, value)):
+            return False
+        items = value.values()
+    elif t is list:
+        items = value
+    else:
+        return t in _SCALARS  # not ExtType or Timestamp
+    if depth < 1:
+        return False
+    if _SCALARS.issuperset(map(type, items)):
+        return True
+    return all(type(item) in _SCALARS or _plain(item, depth - 1) for item in items)
+
 
 # How many encoded per-thread notifications a session remembers (Session.thread_notification);
 # past that it starts over, so a program with very many threads costs well under 1 MB.
@@ -103,9 +155,22 @@ class Session:
 
     def __init__(self, limits: Limits | None = None) -> None:
         self._conn = Connection(limits or Limits())
+        limits = self._conn.limits
+        # A response this small cannot break a size limit; only its values are checked.
+        self._response_max = min(
+            _RESPONSE_MAX,
+            limits.max_message_size,
+            limits.max_container_len,
+            limits.max_str_len,
+            limits.max_bin_len,
+        )
+        # Containers a response's result may nest: the message's own array counts as 1.
+        self._result_depth = min(limits.max_depth - 1, _FAST_DEPTH)
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # what encode() does, reused
         self._next_msgid = 1
         self._waiting: set[int] = set()  # calls whose caller still wants the answer
-        self._responses: dict[int, Response] = {}
+        # Arrived answers: (error or None, result), as in Response.
+        self._responses: dict[int, tuple[tuple[str, str] | None, Any]] = {}
         self._events: collections.deque[Event] = collections.deque()
         self._watches: dict[int, WatchInfo] = {}
         self._lost: str | None = None
@@ -125,7 +190,22 @@ class Session:
         self.check_alive()
         msgid = self._next_msgid
         self._next_msgid = 1 if msgid >= MAX_MSGID else msgid + 1
-        data = self._conn.send(Request(msgid, method, params))
+        data = None
+        if (
+            type(method) is str
+            and method
+            and type(params) is dict
+            and _STR.issuperset(map(type, params))
+        ):
+            # What Request's checks accept: the bytes encode() would make (module docstring).
+            try:
+                data = self._pack([0, msgid, method, [params] if params else []])
+            except Exception:
+                data = None  # not encodable: the general path names the error
+            if data is not None and len(data) > self._conn.limits.max_message_size:
+                data = None
+        if data is None:
+            data = self._conn.send(Request(msgid, method, params))
         self._waiting.add(msgid)
         return msgid, data
 
@@ -188,17 +268,41 @@ class Session:
             stop["regs"] = Regs(stop["regs"])
             self._events.append(Event("stop", stop))
             return
+        if data.startswith(_RESPONSE_HEAD) and self._take_response(data):
+            return
         try:
             self._conn.receive_data(data)
             while (msg := self._conn.next_message()) is not None:
                 if isinstance(msg, Response):
                     if msg.msgid in self._waiting:
-                        self._responses[msg.msgid] = msg
+                        self._responses[msg.msgid] = (msg.error, msg.result)
                 elif isinstance(msg, Notification):
                     self._on_notification(msg)
                 # A request from the daemon is not part of the protocol: ignore it.
         except ProtocolError as err:
             self.connection_lost(f"the daemon sent bytes this client cannot read ({err})")
+
+    def _take_response(self, data: bytes) -> bool:
+        """Record ``data`` if it is exactly one successful response to a waiting call and
+        nothing is buffered (the request path's case, module docstring); else ``False``,
+        and nothing was consumed: the general path decodes ``data``."""
+        if len(data) > self._response_max or not self._conn.idle:
+            return False
+        try:
+            obj = _unpackb(data, raw=False, strict_map_key=False)
+        except Exception:
+            return False  # incomplete, more than one message, malformed: the general path
+        if type(obj) is not list or len(obj) != 4 or obj[2] is not None:
+            return False
+        msgid = obj[1]
+        # Only a waiting call's msgid (so a valid one); a stray answer is dropped there.
+        if type(msgid) is not int or msgid not in self._waiting:
+            return False
+        result = obj[3]
+        if type(result) not in _SCALARS and not _plain(result, self._result_depth):
+            return False
+        self._responses[msgid] = (None, result)
+        return True
 
     def _on_notification(self, msg: Notification) -> None:
         """Queue the event(s) of one notification.
@@ -295,9 +399,10 @@ class Session:
                 raise self.lost_error()
             raise KeyError(msgid)
         self._waiting.discard(msgid)
-        if response.error is not None:
-            raise error_from_wire(*response.error)
-        return response.result
+        error, result = response
+        if error is not None:
+            raise error_from_wire(*error)
+        return result
 
     def abandon(self, msgid: int) -> None:
         """The caller of ``msgid`` gave up: drop its answer now or when it arrives."""

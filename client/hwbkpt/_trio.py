@@ -48,20 +48,40 @@ class AsyncWatch(WatchInfo):
         super().__init__(result, **spec)
         self._client = client
 
+    @classmethod
+    def _made(
+        cls,
+        client: AsyncClient,
+        result: dict[str, Any],
+        pid: int,
+        addr: int,
+        length: int,
+        access: str,
+        mode: str,
+        tid: int | None,
+        priority: int,
+        condition: str | None,
+    ) -> AsyncWatch:
+        """``cls(client, result, pid=pid, ...)``, with positional arguments (WatchInfo._fill)."""
+        watch = cls.__new__(cls)
+        watch._client = client
+        watch._fill(result, pid, addr, length, access, mode, tid, priority, condition)
+        return watch
+
     async def count(self) -> int:
         """Hits of this watch since it was installed (any mode); after its process exited
         or called exec (``state == "ended"``), its final count.
 
         Raises NotFoundError once the watch was removed.
         """
-        return int(await self._client.call("count", id=self.id))
+        return int(await self._client._call("count", {"id": self.id}))
 
     async def remove(self) -> None:
         """Remove the watch (``unwatch``), ended or not; its slots go to pending watches.
 
         Raises NotFoundError if it was removed already.
         """
-        await self._client.call("unwatch", id=self.id)
+        await self._client._call("unwatch", {"id": self.id})
         self._client._session.forget_watch(self.id)
         self.state = "removed"
 
@@ -86,6 +106,7 @@ class AsyncClient:
         self._name = name
         self._session = Session()
         self._stream: trio.SocketStream | None = None
+        self._fd = -1  # the stream's socket, read and written directly (module docstring)
         self._send_lock = trio.Lock()
         self._reading = False
         self._arrived = trio.lowlevel.ParkingLot()
@@ -99,6 +120,7 @@ class AsyncClient:
             self._stream = await trio.open_unix_socket(self.socket_path)
         except OSError as err:
             raise unavailable_error(self.socket_path, err) from err
+        self._fd = self._stream.socket.fileno()
         try:
             self.server_info = await self.call("hello", **self._session.hello_params(self._name))
         except BaseException:
@@ -110,6 +132,7 @@ class AsyncClient:
         """Close the connection; the daemon releases everything this client held."""
         if self._stream is not None:
             stream, self._stream = self._stream, None
+            self._fd = -1
             self._session.connection_lost("the client closed the connection")
             self._arrived.unpark_all()
             await stream.aclose()
@@ -132,9 +155,8 @@ class AsyncClient:
         if self._reading:
             await self._arrived.park()
             return
-        self._session.check_alive()
-        assert self._stream is not None
-        fd = self._stream.socket.fileno()
+        self._session.check_alive()  # also after aclose(), which closed self._fd
+        fd = self._fd
         self._reading = True
         try:
             while True:
@@ -155,23 +177,29 @@ class AsyncClient:
             self._session.connection_lost(f"reading from the socket failed: {err}")
         finally:
             self._reading = False
-            self._arrived.unpark_all()
+            if self._arrived:  # tasks parked in _receive while this one read
+                self._arrived.unpark_all()
 
     async def call(self, method: str, /, **params: Any) -> Any:
         """Call ``method`` with named ``params`` and return its result.
 
         Raises the daemon's error class or :class:`ConnectionLostError`.
         """
+        return await self._call(method, params)
+
+    async def _call(self, method: str, params: dict[str, Any]) -> Any:
+        """:meth:`call` with the params as one map (the wrapped methods build it once)."""
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled call is not sent
-        msgid, data = self._session.request(method, params)
+        session = self._session
+        msgid, data = session.request(method, params)
         try:
             await self._send_only(data, checkpoint=False)  # _receive is one
-            while not self._session.has_result(msgid) and not self._session.lost:
+            while not session.has_result(msgid) and not session.lost:
                 await self._receive()
         except BaseException:
-            self._session.abandon(msgid)
+            session.abandon(msgid)
             raise
-        return self._session.take_result(msgid)
+        return session.take_result(msgid)
 
     async def next_event(self) -> Event:
         """The next event, in arrival order; waits as long as it takes.
@@ -211,12 +239,10 @@ class AsyncClient:
         condition: str | None = None,
     ) -> AsyncWatch:
         """Watch ``length`` bytes at ``addr`` in ``pid``; see :meth:`hwbkpt.Client.watch`."""
-        spec: dict[str, Any] = {
-            "pid": pid, "addr": addr, "length": length, "access": access, "mode": mode,
-            "tid": tid, "priority": priority, "condition": condition,
-        }
-        result = await self.call("watch", **watch_params(**spec))
-        watch = AsyncWatch(self, result, **spec)
+        params = watch_params(pid, addr, length, access, mode, tid, priority, condition)
+        result = await self._call("watch", params)
+        watch = AsyncWatch._made(self, result, pid, addr, length, access, mode, tid, priority,
+                                 condition)
         self._session.track_watch(watch)
         return watch
 
@@ -284,15 +310,14 @@ class AsyncClient:
         A checkpoint unless ``checkpoint`` is false (:meth:`call`, which waits for the
         answer next anyway). Raises :class:`ConnectionLostError`.
         """
-        self._session.check_alive()
-        assert self._stream is not None
+        self._session.check_alive()  # also after aclose(), which closed self._fd
         if self._send_lock.locked():
             # Another task is still writing: queue behind it (trio's Lock is fair).
             async with self._send_lock:
                 await self._write_all(data)
             return
         try:
-            sent = os.write(self._stream.socket.fileno(), data)
+            sent = os.write(self._fd, data)
         except BlockingIOError:
             sent = 0
         except OSError as err:  # EPIPE, ECONNRESET: the daemon is gone
@@ -314,8 +339,7 @@ class AsyncClient:
         view = memoryview(data)
         while view:
             self._session.check_alive()
-            assert self._stream is not None
-            fd = self._stream.socket.fileno()
+            fd = self._fd
             try:
                 sent = os.write(fd, view)
             except BlockingIOError:
