@@ -506,7 +506,7 @@ class Tracer:
                 threads, clients, epfd, signals.fd, wait_ms, budget
             )
             with self.batch():
-                engine.fast_apply(changed, stops, traps)
+                engine.fast_apply(changed, stops, traps, sum(s[1] for s in served))
                 for cid, resumes, sent, unsent, unread in served:
                     client = self.clients.get(cid)
                     if client is not None:
