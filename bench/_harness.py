@@ -203,9 +203,10 @@ Side = tuple[Proc, str, bool]
 
 
 def gated_run(n: int, sides: Callable[[int, int], list[Side]], pin: str | None,
-              timeout: float) -> tuple[float, list[list[str]]]:
+              timeout: float, cpu: dict[str, float] | None = None
+              ) -> tuple[float, list[list[str]]]:
     """target N under the watchers `sides(pid, addr)` starts; returns ns/write and their
-    result words."""
+    result words. With `cpu`, cpu["target_ns"] is the target's CPU (ns) over its loop."""
     with ExitStack() as st:
         t = st.enter_context(Proc([str(build("target")), str(n)], name="target", pin=pin))
         w = t.expect("pid", 10)
@@ -214,8 +215,11 @@ def gated_run(n: int, sides: Callable[[int, int], list[Side]], pin: str | None,
         procs = [st.enter_context(p) for p, _, _ in started]
         for p in procs:
             p.expect("ready", 30)
+        target_cpu0 = _cpu_ns(pid)
         t.send("go")
         ns = float(t.expect("ns_per_write", timeout)[0])
+        if cpu is not None:
+            cpu["target_ns"] = float(_cpu_ns(pid) - target_cpu0)
         for p in procs:
             p.send("done")
         # Read the "done" reports while the target is still alive (a watch ends with its
@@ -245,6 +249,8 @@ class Bench:
         self.out = out
         self._base: dict[str | None, list[float]] = {}
         self._stop_cpu: list[float] = []  # the stop client's CPU per stop, per daemon run
+        self._clients_cpu: list[float] = []  # all stop clients' CPU per stop, per daemon run
+        self._target_cpu: list[float] = []  # the target's CPU per stop, per daemon run
         self._daemon_cpu: list[float] = []  # the daemon's CPU per stop, per daemon run
 
     def baseline(self, pin: str | None) -> list[float]:
@@ -373,12 +379,17 @@ class Bench:
                 for k in (1, 2):
                     self._stop_cpu = []
                     self._daemon_cpu = []
+                    self._clients_cpu = []
+                    self._target_cpu = []
                     d = self.daemon_runs(self.s.runs, partial(self._daemon_stop, n, k, pin))
                     dmn[f"clients{k}_per_hit_ns"] = d if isinstance(d, dict) else fig(
                         [x - base for x in d], "ns")
                     if not isinstance(d, dict):
                         # CPU of the daemon process per stop (watch set-up included).
                         dmn[f"daemon_cpu{k}_per_stop_ns"] = fig(self._daemon_cpu, "ns")
+                        # Every process of the round: on one CPU their sum is the wall time.
+                        dmn[f"clients_cpu{k}_per_stop_ns"] = fig(self._clients_cpu, "ns")
+                        dmn[f"target_cpu{k}_per_stop_ns"] = fig(self._target_cpu, "ns")
                     if k == 1 and not isinstance(d, dict):
                         dmn["client_cpu_per_stop_ns"] = fig(self._stop_cpu, "ns")
             for version in (1, 2):
@@ -420,12 +431,15 @@ class Bench:
             return [(dclient("stop", p, pin), "result", False) for _ in range(k)]
 
         cpu0 = _cpu_ns(self.d.proc.pid)
-        ns, res = gated_run(n, sides, pin, 300)
+        target: dict[str, float] = {}
+        ns, res = gated_run(n, sides, pin, 300, target)
         self._daemon_cpu.append((_cpu_ns(self.d.proc.pid) - cpu0) / n)
         for r in res:
             if (got := result_json(r)["stops"]) != n:
                 raise BenchError(f"a stop client saw {got} stop events, the target hit {n}")
         self._stop_cpu.append(result_json(res[0])["cpu_ns_per_stop"])
+        self._clients_cpu.append(sum(result_json(r)["cpu_ns_per_stop"] for r in res))
+        self._target_cpu.append(target["target_ns"] / n)
         return ns
 
     def _lib_cpu(self, version: int, pin: str | None) -> float:
@@ -816,6 +830,13 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                 if "client_cpu_per_stop_ns" in d:
                     yield name, f"{place}: 1 client: client process CPU/stop", None, \
                         d["client_cpu_per_stop_ns"], None, ""
+                for k in (1, 2):
+                    if f"clients_cpu{k}_per_stop_ns" in d and k > 1:
+                        yield name, f"{place}: {k} clients: client processes CPU/stop " \
+                            "(sum)", None, d[f"clients_cpu{k}_per_stop_ns"], None, ""
+                    if f"target_cpu{k}_per_stop_ns" in d:
+                        yield name, f"{place}: {k} client{'s' * (k > 1)}: target CPU/stop", \
+                            None, d[f"target_cpu{k}_per_stop_ns"], None, ""
                 for v, goal in ((2, "<= 10 us"), (1, "")):
                     if f"client_lib_cpu_v{v}_ns" in d:
                         yield name, f"{place}: client library CPU/stop, protocol v{v}", \

@@ -404,6 +404,13 @@ static int serve_client(client_t *c) {
     return 1;
 }
 
+/* Whether a thread of the table is stopped and held (by this call or before it). */
+static int any_held(void) {
+    for (int i = 0; i < S.nthreads; i++)
+        if (S.threads[i].stopped) return 1;
+    return 0;
+}
+
 /* --- run ----------------------------------------------------------------------------- */
 
 static PyObject *report(void) {
@@ -451,7 +458,8 @@ fail:
 PyDoc_STRVAR(run_doc,
 "run(threads, clients, epfd, sigfd, wait_ms, budget_ns) -> report\n\n"
 "Serve plain stop rounds from the engine's table until something is not plain, nothing\n"
-"came within wait_ms, or budget_ns passed (hwbkptd/_prepared.py builds the table and\n"
+"came within wait_ms (while a thread of the table is held: within the budget), or\n"
+"budget_ns passed (hwbkptd/_prepared.py builds the table and\n"
 "applies the report). Raises TypeError/ValueError for a malformed table, OSError if\n"
 "epoll_wait fails.");
 
@@ -472,8 +480,20 @@ static PyObject *run(PyObject *self, PyObject *args) {
     struct epoll_event ev[16];
     while (S.why == NULL) {
         int n;
+        int timeout = wait_ms;
+        if (wait_ms > 0 && any_held()) {
+            /* A thread of the table is held: the next event is a holder's resume, and only
+             * the clients know when it comes (one preempted for a few ms by other load is
+             * common on a busy machine). Wait for it up to the budget: leaving "idle" after
+             * wait_ms would have the resume read by the connection's trio task and served
+             * by the pure path, and the next stop woken through trio, each ~100 us of
+             * Python against one epoll_wait here. */
+            uint64_t now = now_ns();
+            int left = now >= deadline ? 0 : (int)((deadline - now + 999999) / 1000000);
+            if (left > timeout) timeout = left;
+        }
         Py_BEGIN_ALLOW_THREADS
-        n = epoll_wait(epfd, ev, 16, wait_ms);
+        n = epoll_wait(epfd, ev, 16, timeout);
         Py_END_ALLOW_THREADS
         if (n < 0) {
             if (errno == EINTR) continue;

@@ -132,10 +132,11 @@ class PreparedStops:
         threads: Iterable[tuple[int, bool, Sequence[int], Sequence[int]]],
         stops: int,
         traps: int,
+        resumes: int = 0,
     ) -> None:
         """Record what the compiled round did: per thread it stopped or resumed, whether it
         is stopped now, its holders and its slots' counters (in :meth:`fast_table` order);
-        the stops reported and traps taken."""
+        the stops reported, traps taken and clients' resumes read."""
         for tid, stopped, holds, lasts in threads:
             thread = self._threads[tid]
             for slot, now in zip(thread.slots.values(), lasts, strict=True):
@@ -146,6 +147,7 @@ class PreparedStops:
         self.counters["stops_reported"] += stops
         self.counters["traps"] += traps
         self.counters["fast_stops"] += stops
+        self.counters["fast_resumes"] += resumes
 
     @staticmethod
     def _credit(slot: SlotRec, now: int) -> list[WatchRec]:

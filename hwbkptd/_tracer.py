@@ -81,8 +81,9 @@ RETRY_BUSY = 1.0  # seconds between retries of specs the kernel refused
 # fewer are flushed by the TICK, so a lone hit is reported within TICK seconds.
 NOTIFY_WAKEUP = 512
 # The hot loop (module docstring): how long it waits for the next event before handing
-# back to trio, and the longest it keeps trio's other tasks (new connections, timers,
-# the writers of full sockets) waiting.
+# back to trio (the compiled round waits up to HOT_BUDGET while a thread it serves is held:
+# its holders' resumes are on the way), and the longest it keeps trio's other tasks (new
+# connections, timers, the writers of full sockets) waiting.
 HOT_WAIT = 0.001
 HOT_BUDGET = 0.005
 
@@ -506,7 +507,7 @@ class Tracer:
                 threads, clients, epfd, signals.fd, wait_ms, budget
             )
             with self.batch():
-                engine.fast_apply(changed, stops, traps)
+                engine.fast_apply(changed, stops, traps, sum(s[1] for s in served))
                 for cid, resumes, sent, unsent, unread in served:
                     client = self.clients.get(cid)
                     if client is not None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 
 import pytest
 
 from hwbkpt_proto import Regs
+from hwbkptd._tracer import HOT_WAIT
 from tests._daemon import Daemon
 from tests._progs import Target
 from tests.test_stop_v2 import raw_peer
@@ -139,6 +141,42 @@ def test_two_clients_both_hold_every_stop(
     assert proc.line() == f"done var={n} pair0=0"
     assert (wa.count(), wb.count()) == (n, n)
     check_mode(a.status())
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.timeout(120)
+def test_resumes_later_than_the_idle_wait_are_still_read_by_the_round(
+    target: Start, connect: Callable[[str], Conn]
+) -> None:
+    """Two clients that each take longer than the round's idle wait (HOT_WAIT, 1 ms) to
+    resume, as clients preempted by other load do. The round keeps waiting for a held
+    thread's resumes (up to its budget, HOT_BUDGET) instead of leaving them to the
+    connections' trio readers: ``fast_resumes`` counts resumes it read itself (without
+    that wait it stays 0 here, every resume coming after the round went idle)."""
+    n = 20
+    proc = target("writer", n, "gate2")
+    addr = info_int(proc, "addr")
+    a, b = connect("slow-a"), connect("slow-b")
+    wa = a.watch(proc.pid, addr, mode="stop")
+    wb = b.watch(proc.pid, addr, mode="stop")
+    before = a.status()["counters"].get("fast_resumes", 0)
+    proc.go()
+    for _ in range(n):
+        a.expect("stop")
+        b.expect("stop")
+        time.sleep(HOT_WAIT * 1.5)
+        a.resume(proc.pid, wait=False)
+        b.resume(proc.pid, wait=False)
+    assert proc.line() == f"done var={n} pair0=0"
+    assert (wa.count(), wb.count()) == (n, n)
+    status = a.status()
+    check_mode(status)
+    fast = status["counters"].get("fast_resumes", 0) - before
+    if COMPILED:
+        assert 0 < fast <= 2 * n, status["counters"]
+    else:
+        assert fast == 0
     proc.go()
     assert proc.wait(TIMEOUT) == 0
 
