@@ -114,7 +114,11 @@ class ClientHandle:
         self._wakeup = trio.lowlevel.ParkingLot()
         self._fd = -1  # the connection's socket, once the server has it (for direct writes)
         # What to do with bytes read (the server's message handler); False stops reading.
-        self._on_data: Callable[[bytes], bool] = lambda data: True
+        # Set by the server to its handler, called as ``_on_data(self, data)``: a bound
+        # method of the server, not a closure over this handle, so a closed connection's
+        # handle is freed at once instead of waiting in a reference cycle for the
+        # collector.
+        self._on_data: Callable[[ClientHandle, bytes], bool] = lambda client, data: True
         self.reading = True  # False after a protocol error: what follows is not read
         self._writing = False  # the writer task has a batch in flight
         self._corked = False  # hold writes until uncork() (a batch of hits is being made)
@@ -284,7 +288,7 @@ class ClientHandle:
     def _handle(self, data: bytes) -> None:
         """Have bytes read from the socket handled (a failing handler disconnects)."""
         try:
-            self.reading = self._on_data(data)
+            self.reading = self._on_data(self, data)
         except Exception:
             log.exception("%r: handling what it sent failed", self)
             self.reading = False

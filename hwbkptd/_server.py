@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import grp
 import importlib
 import logging
@@ -166,7 +165,7 @@ class Server:
                 )
                 client._server_counters = self.counters
                 client._fd = stream.socket.fileno()
-                client._on_data = functools.partial(self._handle_data, client)
+                client._on_data = self._handle_data
                 self.clients[client_id] = client
                 self.counters.clients_total += 1
                 log.info("%r connected", client)
