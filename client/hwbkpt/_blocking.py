@@ -46,29 +46,11 @@ _DEFAULT: Any = object()
 class Watch(WatchInfo):
     """A watch made by :meth:`Client.watch`; ``count()`` and ``remove()`` call the daemon."""
 
+    _client: Client
+
     def __init__(self, client: Client, result: dict[str, Any], **spec: Any) -> None:
         super().__init__(result, **spec)
         self._client = client
-
-    @classmethod
-    def _made(
-        cls,
-        client: Client,
-        result: dict[str, Any],
-        pid: int,
-        addr: int,
-        length: int,
-        access: str,
-        mode: str,
-        tid: int | None,
-        priority: int,
-        condition: str | None,
-    ) -> Watch:
-        """``cls(client, result, pid=pid, ...)``, with positional arguments (WatchInfo._fill)."""
-        watch = cls.__new__(cls)
-        watch._client = client
-        watch._fill(result, pid, addr, length, access, mode, tid, priority, condition)
-        return watch
 
     def count(self) -> int:
         """Hits of this watch since it was installed (any mode); after its process exited

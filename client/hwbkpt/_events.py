@@ -7,7 +7,7 @@ as an attribute: ``event.kind == "hit"``, ``event.tid``, ``event.fields["ip"]``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["Event", "WatchInfo"]
 
@@ -83,6 +83,18 @@ class WatchInfo:
         condition: str | None = None,
     ) -> None:
         self._fill(result, pid, addr, length, access, mode, tid, priority, condition)
+
+    #: The front end that made it (``Watch``: a ``Client``; ``AsyncWatch``: an ``AsyncClient``).
+    _client: Any
+
+    @classmethod
+    def _made(cls, client: Any, result: dict[str, Any], *spec: Any) -> Self:
+        """``cls(client, result, pid=..., ...)`` with ``spec`` positional, in :meth:`_fill`'s
+        order: how the clients' ``watch`` builds its watch (the request path, issue 13)."""
+        watch = cls.__new__(cls)
+        watch._client = client
+        watch._fill(result, *spec)
+        return watch
 
     def _fill(
         self,

@@ -44,29 +44,11 @@ _RECV_SIZE = 65536
 class AsyncWatch(WatchInfo):
     """A watch made by :meth:`AsyncClient.watch`; ``await count()``, ``await remove()``."""
 
+    _client: AsyncClient
+
     def __init__(self, client: AsyncClient, result: dict[str, Any], **spec: Any) -> None:
         super().__init__(result, **spec)
         self._client = client
-
-    @classmethod
-    def _made(
-        cls,
-        client: AsyncClient,
-        result: dict[str, Any],
-        pid: int,
-        addr: int,
-        length: int,
-        access: str,
-        mode: str,
-        tid: int | None,
-        priority: int,
-        condition: str | None,
-    ) -> AsyncWatch:
-        """``cls(client, result, pid=pid, ...)``, with positional arguments (WatchInfo._fill)."""
-        watch = cls.__new__(cls)
-        watch._client = client
-        watch._fill(result, pid, addr, length, access, mode, tid, priority, condition)
-        return watch
 
     async def count(self) -> int:
         """Hits of this watch since it was installed (any mode); after its process exited
