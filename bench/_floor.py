@@ -1,6 +1,7 @@
 """The Python floor of the ``stop`` scenario: the C reference's architecture in plain Python.
 
     python -m bench._floor raw|trio PID ADDR
+    python -m bench._floor client FD
 
 Like ``ref/stop_ref.c client``: seize thread PID, open a ``sigtrap`` breakpoint on the
 8 bytes at ADDR, print ``ready``; at every stop read the siginfo, the counter and the
@@ -15,6 +16,12 @@ no engine, no validation, no client library.
 two tasks (SIGCHLD, client socket). The difference between the two, and between them and
 the daemon, tells how much of the daemon's per-stop cost is the language, the event loop,
 and the daemon's own layers (bench/README.md).
+
+``client FD`` is the other floor: the cheapest Python client process there is, run by
+``ref/stop_ref.c pyclient|pyclient2`` on its socket FD. It answers the C tracer's binary
+stop with the resume (the tid, the message's first 4 bytes) after one blocking read: no
+decoding, no poll, no library. The C tracer with it is what a daemon with no cost of its
+own would reach with Python clients (bench/README.md, "stop, the floor of the goals").
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from hwbkptd import _kernel as k
 from hwbkptd._model import Access, Mode
 
 _EVENT_SHIFT = 16  # a ptrace event stop has the event number above the signal
+# ref/stop_ref.c's struct stop_msg: tid, pad, count, cookie, 27 registers.
+_STOP_MSG_SIZE = 4 + 4 + 8 + 8 + 27 * 8
 
 
 def _client(sock: socket.socket) -> None:
@@ -47,7 +56,24 @@ def _client(sock: socket.socket) -> None:
             sock.sendall(msgpack.packb([2, "resume", [{"tid": params[0]["tid"]}]]))
 
 
+def bare_client(fd: int) -> None:
+    """Answer every stop of stop_ref's tracer on ``fd`` with its resume until it hangs up;
+    one byte first, to say the interpreter has started."""
+    read, write, size = os.read, os.write, _STOP_MSG_SIZE
+    write(fd, b"R")
+    while msg := read(fd, size):
+        while len(msg) < size:
+            more = read(fd, size - len(msg))
+            if not more:
+                return
+            msg += more
+        write(fd, msg[:4])
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["client"] and len(argv) == 2:
+        bare_client(int(argv[1]))
+        return 0
     mode, pid, addr = argv[0], int(argv[1]), int(argv[2], 0)
     if mode not in ("raw", "trio"):
         print(f"usage: python -m bench._floor raw|trio PID ADDR (not {mode!r})", file=sys.stderr)

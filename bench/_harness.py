@@ -362,7 +362,9 @@ class Bench:
                                         "two_clients_ratio_max": 1.6}}
         for place, pin in (("unpinned", None), ("cpu0", "0")):
             base = statistics.median(self.baseline(pin))
+            # pyclient*: the C tracer with bare Python clients (bench/_floor.py client).
             ref: dict[str, list[float]] = {"noclient": [], "client": [], "client2": [],
+                                           "pyclient": [], "pyclient2": [],
                                            "py_raw": [], "py_trio": []}
             for _ in range(self.s.runs):
                 for mode in ref:
@@ -404,6 +406,10 @@ class Bench:
                           "two_clients_vs_c_client2": ratio(two, reff["client2_per_hit_ns"]),
                           "one_client_vs_py_raw": ratio(one, reff["py_raw_per_hit_ns"]),
                           "one_client_vs_py_trio": ratio(one, reff["py_trio_per_hit_ns"]),
+                          "pyclient_vs_c_client": ratio(reff["pyclient_per_hit_ns"],
+                                                        reff["client_per_hit_ns"]),
+                          "pyclient2_vs_c_client": ratio(reff["pyclient2_per_hit_ns"],
+                                                         reff["client_per_hit_ns"]),
                           "py_raw_vs_c_client": ratio(reff["py_raw_per_hit_ns"],
                                                       reff["client_per_hit_ns"]),
                           "py_trio_vs_c_client": ratio(reff["py_trio_per_hit_ns"],
@@ -412,6 +418,8 @@ class Bench:
 
     @staticmethod
     def _stop_ref_side(mode: str, pin: str | None) -> Callable[[int, int], list[Side]]:
+        os.environ["STOP_REF_PYTHON"] = PY  # the bare Python clients of the py* modes
+
         def sides(pid: int, addr: int) -> list[Side]:
             return [(Proc([str(build("stop_ref")), mode, str(pid), hex(addr)],
                           name=f"stop_ref {mode}", pin=pin), "stops", True)]
@@ -819,6 +827,15 @@ def rows(res: dict[str, Any]) -> Iterator[tuple[str, str, Any, Any, float | None
                 yield name, f"{place}: 2 clients", r["client2_per_hit_ns"], \
                     d["clients2_per_hit_ns"], q["two_clients_vs_c_client"], \
                     "<= 1.6x vs C 1-client"
+                # The least a daemon with Python clients can cost: the C tracer's own
+                # clients replaced by bare Python ones (reference column: C, daemon
+                # column: that floor). A floor above a goal puts the goal out of reach.
+                for k, key, goal in ((1, "pyclient", "floor of <= 1.3x"),
+                                     (2, "pyclient2", "floor of <= 1.6x")):
+                    if f"{key}_per_hit_ns" in r:
+                        yield name, f"{place}: {k} bare Python client{'s' * (k > 1)} + C " \
+                            "tracer (floor)", r["client_per_hit_ns"], r[f"{key}_per_hit_ns"], \
+                            q.get(f"{key}_vs_c_client"), goal
                 for m, label in (("py_raw", "epoll"), ("py_trio", "trio")):
                     yield name, f"{place}: 1 client vs Python floor ({label})", \
                         r[f"{m}_per_hit_ns"], d["clients1_per_hit_ns"], \

@@ -63,8 +63,10 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
         if name == "stop":
             for place in ("unpinned", "cpu0"):
                 assert _daemon_ok(sc["placements"][place]["daemon"]), (name, place)
-                # the C references and the two Python floors (bench/_floor.py)
-                assert {"client_per_hit_ns", "py_raw_per_hit_ns", "py_trio_per_hit_ns"} <= (
+                # the C references (with C and with bare Python clients) and the two
+                # Python floors (bench/_floor.py)
+                assert {"client_per_hit_ns", "pyclient_per_hit_ns", "pyclient2_per_hit_ns",
+                        "py_raw_per_hit_ns", "py_trio_per_hit_ns"} <= (
                     sc["placements"][place]["reference"].keys()
                 ), place
                 # the client's CPU per stop: the library alone (v1 and v2) and the process

@@ -1,6 +1,6 @@
 /* stop_ref: the C reference of `watch(..., mode="stop")` with clients that resume.
  *
- *   stop_ref MODE PID ADDR        MODE = noclient | client | client2
+ *   stop_ref MODE PID ADDR        MODE = noclient | client | client2 | pyclient | pyclient2
  * PTRACE_SEIZEs thread PID, opens a breakpoint event with sigtrap=1 (remove_on_exec, a
  * sig_data cookie) and prints "ready".  At each signal-delivery-stop with SIGTRAP and
  * si_code TRAP_PERF it does what the daemon does: PTRACE_GETSIGINFO, read the counter,
@@ -9,7 +9,12 @@
  *   client    sends the stop (tid, count, cookie, regs) over a Unix socket to a separate
  *             client process and PTRACE_CONTs when it answers;
  *   client2   sends it to two client processes and continues when both have answered
- *             (DESIGN.md §5.3: a thread stays stopped while any engine holds it).
+ *             (DESIGN.md §5.3: a thread stays stopped while any engine holds it);
+ *   pyclient, pyclient2  as client and client2, but each client is the cheapest Python
+ *             process that can answer: `$STOP_REF_PYTHON -m bench._floor client 3`, a
+ *             blocking read of the message and a write of the resume, no decoding, no
+ *             library.  This tracer with those clients is the least any daemon serving
+ *             Python clients can cost (bench/README.md, "stop, the floor of the goals").
  * Any other signal is delivered unchanged.  When the target exits it prints
  * "stops S count C" and exits.
  */
@@ -50,6 +55,19 @@ static void client_loop(int s)
 	}
 }
 
+/* The child of a py* mode: the bare Python client on fd 3; it writes one byte once it has
+ * started, so that the interpreter's start-up is not timed. */
+static void exec_python_client(int s)
+{
+	const char *py = getenv("STOP_REF_PYTHON");
+	if (py == NULL)
+		die("pyclient modes need STOP_REF_PYTHON (the Python that runs bench._floor)");
+	if (dup2(s, 3) < 0) /* dup2 clears close-on-exec */
+		die("dup2");
+	execl(py, py, "-m", "bench._floor", "client", "3", (char *)NULL);
+	die("exec STOP_REF_PYTHON");
+}
+
 static void read_full(int s, void *buf, size_t n)
 {
 	size_t got = 0;
@@ -64,11 +82,15 @@ static void read_full(int s, void *buf, size_t n)
 int main(int argc, char **argv)
 {
 	if (argc != 4) {
-		fprintf(stderr, "usage: stop_ref noclient|client|client2 PID ADDR\n");
+		fprintf(stderr, "usage: stop_ref noclient|client|client2|pyclient|pyclient2 PID ADDR\n");
 		return 2;
 	}
-	int nclients = !strcmp(argv[1], "noclient") ? 0 : !strcmp(argv[1], "client") ? 1
-		     : !strcmp(argv[1], "client2") ? 2 : -1;
+	const char *mode = argv[1];
+	int python = !strncmp(mode, "py", 2);
+	if (python)
+		mode += 2;
+	int nclients = !strcmp(mode, "noclient") && !python ? 0 : !strcmp(mode, "client") ? 1
+		     : !strcmp(mode, "client2") ? 2 : -1;
 	if (nclients < 0) {
 		fprintf(stderr, "bad mode %s\n", argv[1]);
 		return 2;
@@ -87,10 +109,16 @@ int main(int argc, char **argv)
 			close(sv[0]);
 			for (int j = 0; j < i; j++)
 				close(socks[j]);
+			if (python)
+				exec_python_client(sv[1]);
 			client_loop(sv[1]);
 		}
 		close(sv[1]);
 		socks[i] = sv[0];
+		if (python) {
+			char started;
+			read_full(socks[i], &started, 1);
+		}
 	}
 	/* EXITKILL: if this tracer dies the target dies too, never left stopped */
 	if (ptrace(PTRACE_SEIZE, pid, 0, (void *)(long)PTRACE_O_EXITKILL) < 0)
