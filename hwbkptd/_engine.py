@@ -882,6 +882,9 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
             # before the program runs (perf_swevent_event, then the overflow handler), so a
             # read on another CPU in between saw the count but not yet the program's work.
             self._refresh_filter(slot, credited)
+        if slot.mode is Mode.STOP:
+            # Every hit credited here has a SIGTRAP that stops for it (SlotRec.unrouted).
+            slot.unrouted.extend(w for w in credited if w not in slot.unrouted)
         return credited
 
     def _refresh_filter(self, slot: SlotRec, credited: list[WatchRec]) -> None:

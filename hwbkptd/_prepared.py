@@ -84,8 +84,12 @@ class PreparedStops:
             else:
                 continue
             slots = tuple(self._fast_slot(s, max_stops) for s in thread.slots.values())
-            # A held thread resumed by the round runs on as planned: its next stop too.
-            traps = any(s[2] for s in slots)
+            # A held thread resumed by the round runs on as planned: its next stop too —
+            # unless a read has counted a hit whose trap is still to come: the round routes
+            # by counter deltas, and that one's is gone (SlotRec.unrouted).
+            traps = any(s[2] for s in slots) and not any(
+                s.unrouted for s in thread.slots.values()
+            )
             if traps or holds:
                 table.append((thread.tid, thread.pid, holds, slots, traps))
         return table

@@ -223,6 +223,11 @@ class SlotRec:
     flags: tuple[bool, bool] = (False, False)  # Filter.always, Filter.notify_all
     cond_last: list[int] = field(default_factory=list)
     values: tuple[int, int] | None = None  # (new, old) of the last hit the filter saw
+    # A stop-mode slot: the watches its counter reads have credited whose stop is still to
+    # be routed. A hit counts before its SIGTRAP is taken and handled, so a read in between
+    # (``status``, ``count``, another watch joining or leaving the slot) finds the hit
+    # first; the trap, reading no delta then, stops for these (_stops._on_sigtrap).
+    unrouted: list[WatchRec] = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)

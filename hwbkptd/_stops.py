@@ -374,6 +374,11 @@ class StopHandling:
         credited: dict[Spec, list[WatchRec]] = {}  # per slot: the watches that matched
         for spec, slot in thread.slots.items():
             advanced = self._refresh(slot)
+            if slot.mode is Mode.STOP:
+                # This trap's hits, and those a read since the last trap counted already
+                # (SlotRec.unrouted) — of the watches still on the slot.
+                advanced = [w for w in slot.unrouted if w in slot.watches]
+                slot.unrouted = []
             if advanced:
                 hit.add(spec)
                 credited[spec] = advanced
