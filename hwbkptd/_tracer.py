@@ -83,7 +83,8 @@ NOTIFY_WAKEUP = 512
 # The hot loop (module docstring): how long it waits for the next event before handing
 # back to trio (the compiled round waits up to HOT_BUDGET while a thread it serves is held:
 # its holders' resumes are on the way), and the longest it keeps trio's other tasks (new
-# connections, timers, the writers of full sockets) waiting.
+# connections, timers, the writers of full sockets) waiting — the compiled round goes on
+# past it until no thread it serves is held, up to twice HOT_BUDGET (_fastpath.c, run).
 HOT_WAIT = 0.001
 HOT_BUDGET = 0.005
 
