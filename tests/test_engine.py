@@ -853,7 +853,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.settle()
 
     @rule(which=st.integers(0, 3), access=st.sampled_from(ACCESSES))
-    def hit(self, which: int, access: tuple[int, int, str]) -> None:
+    def hit(self, which: int, access: tuple[int, int, str], read_first: bool = False) -> None:
         tids = [t for t in self.live_tids() if self.k.state(t) == "running"]
         if not tids:
             return
@@ -875,8 +875,10 @@ class EngineMachine(RuleBasedStateMachine):
             )
             else "hit: nothing"
         )
-        stopped = self.k.hit(tid, addr, size, kind)
+        stopped = self.k.hit(tid, addr, size, kind, now=not read_first)
         assert stopped == bool(stoppers)
+        if read_first:
+            self.e.status()  # reads every counter after the hit counted, before its trap
         self.settle()
         reported = {em.cid: set(em.fields["watches"]) for em in self.emitted if em.kind == "stop"}
         assert reported == stoppers
@@ -890,6 +892,11 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(which=st.integers(0, 3), access=st.sampled_from(ACCESSES))
     def hit_again(self, which: int, access: tuple[int, int, str]) -> None:
         self.hit(which, access)
+
+    # A counter read (``status``) between a hit and its trap: the stop is still the hit's.
+    @rule(which=st.integers(0, 3), access=st.sampled_from(ACCESSES))
+    def hit_read_before_its_trap(self, which: int, access: tuple[int, int, str]) -> None:
+        self.hit(which, access, read_first=True)
 
     @precondition(lambda self: bool(self.held()))
     @rule(which=st.integers(0, 10), step=st.booleans())
