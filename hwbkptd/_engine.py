@@ -737,6 +737,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
             if filtered and not self._bpf:
                 mode = Mode.STOP  # the port evaluates the conditions at each hit's stop
             slot = thread.slots.get(spec)
+            owed: list[WatchRec] = []
             if slot is not None and any(w not in slot.watches for w in watches):
                 self._refresh(slot)  # baseline: earlier hits are not the newcomer's
             if slot is not None and (
@@ -749,7 +750,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
                     slot.watches = watches
                     continue
                 self._close_slot(thread, spec)
-                slot = None
+                owed, slot = self._owed(slot), None
             if slot is None:
                 slot = self._open_slot(thread, spec, mode, filtered, flags)
                 if slot is None and spec in thread.busy:
@@ -762,6 +763,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
                         slot = self._open_slot(thread, spec, mode, filtered, flags)
                 if slot is None:
                     continue
+                slot.unrouted = owed
             slot.watches = watches
         if thread.freed and thread.busy and again:
             # A slot closed during this pass: what the kernel refused may fit now.
@@ -793,6 +795,16 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
                         {"watch": watch.id, "tid": thread.tid, "reason": watch.reasons[thread.tid]},
                         False,
                     )
+
+    def _owed(self, slot: SlotRec) -> list[WatchRec]:
+        """The watches a reopened slot's old event counted a hit for whose SIGTRAP is still
+        queued: the new event's trap reports it (``_stops._on_sigtrap``). A reopen happens at
+        a stop, and the interrupt stop that serves it comes before a SIGTRAP already queued
+        (``get_signal``, kernel/signal.c, takes the job-control trap before dequeuing
+        signals), so the old event's last hit may be counted and not yet reported. Notify
+        hits of a slot whose filter program wrote them as records went with its ring."""
+        records = self._bpf and bool(slot.filtered)
+        return [w for w in slot.unrouted if not (records and w.mode is Mode.NOTIFY)]
 
     @staticmethod
     def _filter_of(watches: list[WatchRec]) -> tuple[tuple[WatchRec, ...], tuple[bool, bool]]:

@@ -372,11 +372,15 @@ class StopHandling:
             thread.step_in_flight = False
         hit: set[Spec] = set()
         credited: dict[Spec, list[WatchRec]] = {}  # per slot: the watches that matched
+        carried: set[Spec] = set()  # reopened in another mode since this trap's hit
         for spec, slot in thread.slots.items():
             advanced = self._refresh(slot)
-            if slot.mode is Mode.STOP:
+            if slot.mode is Mode.STOP or slot.unrouted:
                 # This trap's hits, and those a read since the last trap counted already
-                # (SlotRec.unrouted) — of the watches still on the slot.
+                # (SlotRec.unrouted) — of the watches still on the slot. A slot reopened
+                # in another mode since the hit carries them over (Engine._owed).
+                if slot.mode is not Mode.STOP:
+                    carried.add(spec)
                 advanced = [w for w in slot.unrouted if w in slot.watches]
                 slot.unrouted = []
             if advanced:
@@ -412,10 +416,12 @@ class StopHandling:
             for watch in credited[spec]:
                 if watch.mode is Mode.STOP:
                     stops[watch.client].append(watch.id)
-                elif (
-                    watch.mode is Mode.NOTIFY
-                    and (slot.mode is Mode.STOP or spec == uncounted)
-                    and not (self._bpf and slot.filtered)  # its filter writes hit records
+                elif watch.mode is Mode.NOTIFY and (
+                    spec in carried
+                    or (
+                        (slot.mode is Mode.STOP or spec == uncounted)
+                        and not (self._bpf and slot.filtered)  # its filter writes hit records
+                    )
                 ):
                     notifies[watch.client].append(watch.id)
         for cid in stepped:
