@@ -143,10 +143,16 @@ class StopHandling:
         self._release(thread)
 
     def interrupt(self, cid: int, tid: int) -> None:
-        """Stop a thread for ``cid``; a ``stop`` event with reason "interrupt" follows."""
+        """Stop a thread for ``cid``; a ``stop`` event with reason "interrupt" follows,
+        unless ``cid`` holds it stopped already (as ``hold_all`` skips such threads): one
+        hold, one stop event, so that a client resuming every stop it is told of never
+        resumes one it was not told of (a second event made the second resume fail with
+        EBUSY, or release the thread's next stop unseen)."""
         thread = self._thread(tid)
         self.targets[thread.pid].clients.add(cid)
         if thread.state is ThreadState.STOPPED and not thread.detaching:
+            if cid in thread.holds:
+                return
             thread.holds.add(cid)
             self._send_stop(thread, {cid: []}, reason="interrupt")
             return

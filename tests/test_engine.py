@@ -467,6 +467,27 @@ def test_client_interrupt_stops_a_running_thread() -> None:
     assert h.kernel.state(tid) == "running"
 
 
+def test_interrupting_a_thread_the_client_holds_sends_no_second_stop() -> None:
+    """A client that holds a stopped thread and interrupts it got a second ``stop`` for the
+    same hold: resuming each stop it was told of, its second ``resume`` failed with EBUSY
+    (tests/test_stress.py, the debuggers: tens of times per run) or released the thread's
+    next stop before the client had read it."""
+    h, [tid] = setup()
+    w = h.engine.watch(1, PID, X, Mode.STOP)
+    write(h, tid, X)
+    assert [f["reason"] for f in stops(h, 1)] == ["watch"]
+    h.engine.interrupt(1, tid)
+    h.settle()
+    assert h.take(1) == []
+    h.engine.interrupt(2, tid)  # another client: a stop of its own, as before
+    assert [f["reason"] for f in stops(h, 2)] == ["interrupt"]
+    h.engine.resume(1, tid)
+    h.engine.resume(2, tid)
+    h.settle()
+    assert h.kernel.state(tid) == "running"
+    assert h.engine.count(1, w.id) == 1
+
+
 def test_client_interrupt_absorbed_by_a_clone_stop_is_still_served() -> None:
     h, [tid] = setup()
     h.engine.watch(1, PID, X, Mode.COUNT)
