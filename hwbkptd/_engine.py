@@ -630,10 +630,12 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
                 raise NoSuchProcessError(f"process {target.pid} exited while being attached")
 
     def _threads_for(self, target: TargetRec, tid: int | None) -> list[ThreadRec]:
+        """The threads a watch of scope ``tid`` applies to now (not those past their exit
+        stop: a watch neither waits for a slot there nor is told it lost one)."""
         if tid is None:
-            return list(target.threads.values())
+            return [t for t in target.threads.values() if not t.exiting]
         thread = target.threads.get(tid)
-        return [thread] if thread is not None else []
+        return [thread] if thread is not None and not thread.exiting else []
 
     def _drop_watch(self, watch: WatchRec, reason: str | None) -> None:
         """Forget a watch everywhere; ``reason`` set means its owner is told it ended."""
@@ -706,7 +708,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         measured). A running thread is interrupted instead, and the reopen happens just
         before it runs again (:meth:`_resume_now`).
         """
-        if thread.state is ThreadState.NEW or thread.detaching:
+        if thread.state is ThreadState.NEW or thread.detaching or thread.exiting:
             return
         thread.freed = False
         target = self.targets[thread.pid]

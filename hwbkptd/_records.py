@@ -261,6 +261,9 @@ class ThreadRec:
     freed: bool = False  # a slot closed during the current reconcile pass
     parked_events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     detaching: bool = False
+    # Past its PTRACE_EVENT_EXIT: its slots are closed and none is opened again (the
+    # kernel may refuse one on the dying thread, or open it for nothing: _stops._on_exit_stop).
+    exiting: bool = False
     # At a stop: the signal it is to resume with and what each client said about it
     # (``hwbkptd._signals``); None while nobody reported or chose a signal.
     signal_stop: SignalStop | None = None

@@ -650,7 +650,9 @@ class StopHandling:
                 self._add_thread(target, new_tid, ThreadState.NEW)
 
     def _on_exit_stop(self, thread: ThreadRec) -> None:
-        """PTRACE_EVENT_EXIT: last chance to read the thread's counters."""
+        """PTRACE_EVENT_EXIT: last chance to read the thread's counters. Its slots stay
+        closed until its end is reported (``_reconcile`` leaves an exiting thread alone)."""
+        thread.exiting = True
         for spec in list(thread.slots):
             self._close_slot(thread, spec)
 

@@ -499,6 +499,30 @@ def test_client_interrupt_absorbed_by_a_clone_stop_is_still_served() -> None:
     assert [f["reason"] for f in stops(h, 2)] == ["interrupt"]
 
 
+def test_a_thread_past_its_exit_stop_is_left_alone() -> None:
+    """Between a thread's PTRACE_EVENT_EXIT (its slots closed, its counts read) and its
+    end, another client's watch reconciled it: the process-scope watch of the first was
+    told ``uninstalled`` with reason ``preempted`` though nothing preempted it (the slot
+    could not be opened on the dying thread), or got a slot opened on it again
+    (tests/test_stress.py, workers ending under disturbers: 1-3 such events per run in one
+    run of 3). A new watch was also reported pending on that thread, and never installed."""
+    h, [t1, t2] = setup(2)
+    w = h.engine.watch(1, PID, X, Mode.STOP, priority=5)
+    h.kernel.exit_thread(t2)
+    report = h.kernel.wait()
+    assert report is not None and report.tid == t2  # PTRACE_EVENT_EXIT
+    h.feed(report)  # its slots close; it runs on to its end
+    late = h.engine.watch(2, PID, Y, Mode.COUNT)  # reconciles every thread of the process
+    assert late.state == "installed"
+    assert late.states == {t1: "installed"}
+    h.engine.unwatch(2, late.id)
+    h.settle()
+    assert h.take(1) == []
+    assert w.state == "installed"
+    assert w.states == {t1: "installed"}
+    assert installed_specs(h, t1) == {X}
+
+
 # ====================================================================== detach
 
 
