@@ -371,8 +371,12 @@ def load(daemon: Daemon, seed: int) -> Iterator[Load]:
 
 
 def check_let_go(daemon: Daemon, pid: int, seed: int) -> None:
-    """No client left: the daemon answers, manages nothing and no longer traces ``pid``."""
+    """No client left: the daemon answers, manages nothing and no longer traces ``pid``;
+    it logged no error and no traceback on the way."""
     assert daemon.alive(), f"seed {seed}: the daemon died"
+    log = daemon.stderr().splitlines()
+    bad = [line for line in log if " ERROR " in line or "Traceback" in line]
+    assert bad == [], f"seed {seed}: the daemon logged {bad[:5]}"
     with hwbkpt.Client(socket=daemon.socket, name="after", timeout=TIMEOUT) as c:
         status = wait_until(
             lambda: (s := c.status())["targets"] == [] and s,
