@@ -510,7 +510,8 @@ def test_a_thread_past_its_exit_stop_is_left_alone() -> None:
     w = h.engine.watch(1, PID, X, Mode.STOP, priority=5)
     h.kernel.exit_thread(t2)
     report = h.kernel.wait()
-    assert report is not None and report.tid == t2  # PTRACE_EVENT_EXIT
+    assert report is not None
+    assert report.tid == t2  # PTRACE_EVENT_EXIT
     h.feed(report)  # its slots close; it runs on to its end
     late = h.engine.watch(2, PID, Y, Mode.COUNT)  # reconciles every thread of the process
     assert late.state == "installed"
