@@ -74,7 +74,8 @@ class Observer:
     watch: hwbkpt.Watch
     stops: int = 0  # stop events naming the watch
     hits: int = 0  # hit events naming the watch
-    lost: int = 0  # hits reported lost
+    lost: int = 0  # hits reported lost (a ring or the client's queue overflowed)
+    cpu_lost: int = 0  # hits the CPU may not have reported (``lost`` with ``where: "cpu"``)
     other: list[hwbkpt.Event] = field(default_factory=list)  # events it did not expect
     error: BaseException | None = None
 
@@ -92,6 +93,8 @@ class Observer:
                     self.client.resume(event.tid, wait=False)
                 elif event.kind == "hit" and self.watch.id in event.watches:
                     self.hits += 1
+                elif event.kind == "lost" and event.get("where") == "cpu":
+                    self.cpu_lost += event.count
                 elif event.kind == "lost":
                     self.lost += event.count
                 else:
@@ -386,12 +389,25 @@ def check_let_go(daemon: Daemon, pid: int, seed: int) -> None:
     wait_until(lambda: tracer_pid(pid) == 0, what=f"process {pid} to be untraced")
 
 
+def check(obs: Observer, got: int, n: int, what: str, why: str) -> None:
+    """An observer's ``got`` must be the ``n`` writes, short only by hits the CPU did not
+    report: a VM loses DR6 now and then (HACKING.md, "empty DR6"), and each ``lost`` event
+    with ``where: "cpu"`` says one hit of some watch of that thread may be missing."""
+    assert n - obs.cpu_lost <= got <= n, (
+        f"{what}: {got} for {n} writes ({obs.cpu_lost} reported lost by the CPU); {why}"
+    )
+
+
 def wait_for_hits(load: Load, obs: Observer, n: int) -> None:
     """Notify hits come in batches after the writes: wait for ``n`` hits (or losses), at
     most ``TIMEOUT`` seconds, and a moment more for any beyond them (the caller checks);
     then stop the observers."""
     deadline = time.monotonic() + TIMEOUT
-    while obs.hits + obs.lost < n and time.monotonic() < deadline and obs.error is None:
+    while (
+        obs.hits + obs.lost + obs.cpu_lost < n
+        and time.monotonic() < deadline
+        and obs.error is None
+    ):
         time.sleep(0.01)
     time.sleep(0.3)
     load.stop_observers()
@@ -419,10 +435,11 @@ def test_observers_keep_every_hit_while_disturbers_churn(
     wait_for_hits(load, notify, n)
     why = load.summary()
     print(why)
-    assert stop.stops == n, f"{stop.stops} stops for {n} writes; {why}"
-    assert stop.watch.count() == n, why
-    assert count.watch.count() == n, why
-    assert (notify.hits, notify.lost, notify.watch.count()) == (n, 0, n), why
+    check(stop, stop.stops, n, "stops", why)
+    check(stop, stop.watch.count(), n, "stop watch's count", why)
+    check(count, count.watch.count(), n, "count watch's count", why)
+    check(notify, notify.hits + notify.lost, n, "hits notified or lost", why)
+    check(notify, notify.watch.count(), n, "notify watch's count", why)
     assert [e for o in load.observers.values() for e in o.other] == [], why
     load.close()
     check_let_go(daemon, proc.pid, load.seed)
@@ -458,10 +475,10 @@ def test_process_watches_of_many_threads_under_thread_scoped_churn(
     wait_for_hits(load, notify, n)
     why = load.summary()
     print(why)
-    assert stop.stops == t * n, f"{stop.stops} stops for {t * n} writes; {why}"
-    assert stop.watch.count() == t * n, why
-    assert count.watch.count() == t * n, why
-    assert (notify.hits, notify.lost) == (n, 0), why
+    check(stop, stop.stops, t * n, "stops", why)
+    check(stop, stop.watch.count(), t * n, "stop watch's count", why)
+    check(count, count.watch.count(), t * n, "count watch's count", why)
+    check(notify, notify.hits + notify.lost, n, "hits notified or lost", why)
     assert [e for o in load.observers.values() for e in o.other] == [], why
     load.close()
     check_let_go(daemon, proc.pid, load.seed)
@@ -489,10 +506,11 @@ def test_debuggers_interrupting_holding_and_poking_registers(
     wait_for_hits(load, notify, n)
     why = load.summary()
     print(why)
-    assert stop.stops == n, f"{stop.stops} stops for {n} writes; {why}"
-    assert stop.watch.count() == n, why
-    assert count.watch.count() == n, why
-    assert (notify.hits, notify.lost, notify.watch.count()) == (n, 0, n), why
+    check(stop, stop.stops, n, "stops", why)
+    check(stop, stop.watch.count(), n, "stop watch's count", why)
+    check(count, count.watch.count(), n, "count watch's count", why)
+    check(notify, notify.hits + notify.lost, n, "hits notified or lost", why)
+    check(notify, notify.watch.count(), n, "notify watch's count", why)
     assert [e for o in load.observers.values() for e in o.other] == [], why
     load.close()
     check_let_go(daemon, proc.pid, load.seed)
