@@ -448,9 +448,14 @@ class _Raw:
 
 
 async def _connect(path: str) -> _Raw:
+    """A raw connection to the server at ``path``, through its ``hello`` (msgid 1)."""
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.connect(path)
-    return _Raw(sock)
+    c = _Raw(sock)
+    await c.sock.send(_request(1, "hello", [{"version": PROTOCOL_VERSION}]))
+    (hello,) = await c.messages(1)
+    assert hello[:3] == [1, 1, None]
+    return c
 
 
 async def test_the_server_answers_lone_requests_through_take_request(
@@ -459,9 +464,6 @@ async def test_the_server_answers_lone_requests_through_take_request(
     with trio.fail_after(LIMIT):
         c = await _connect(served)
         with c.sock:
-            await c.sock.send(_request(1, "hello", [{"version": PROTOCOL_VERSION}]))
-            (hello,) = await c.messages(1)
-            assert hello[:3] == [1, 1, None]
             want: list[Any] = []
             for i in range(2, 40):
                 # One request per write, each answer awaited: each read is one request.
@@ -492,8 +494,6 @@ async def test_reads_the_fast_path_leaves_are_answered_in_order(
     with trio.fail_after(LIMIT):
         c = await _connect(served)
         with c.sock:
-            await c.sock.send(_request(1, "hello", [{"version": PROTOCOL_VERSION}]))
-            await c.messages(1)
             del taken[:]
             # Two requests in one write, a notification before a request, a response the
             # server ignores before one: all general, answered in order.
