@@ -221,7 +221,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         )
         self._clients[cid].watches[watch.id] = watch
         self._watches[watch.id] = watch
-        target.watches[watch.id] = watch
+        target.add_watch(watch)
         target.clients.add(cid)
         self.counters["watches_created"] += 1
         for thread in self._threads_for(target, tid):
@@ -250,8 +250,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         gone = {w.id for w in remove}
         # Dry run: would every added spec be among the chosen ones?
         wants: dict[Spec, Want] = {}
-        for watch in target.watches.values():
-            if watch.applies_to(tid) and watch.id not in gone:
+        for watch in target.watches_of(tid):
+            if watch.id not in gone:
                 wants[watch.spec] = self._merge_want(
                     wants.get(watch.spec), watch.spec, watch.priority, watch.seq
                 )
@@ -283,7 +283,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
             watch.states[tid] = "pending"
             self._clients[cid].watches[watch.id] = watch
             self._watches[watch.id] = watch
-            target.watches[watch.id] = watch
+            target.add_watch(watch)
             made.append(watch)
         target.clients.add(cid)
         self._reconcile(thread, fresh=made)
@@ -300,7 +300,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
     def _restore(self, watch: WatchRec) -> None:
         self._clients[watch.client].watches[watch.id] = watch
         self._watches[watch.id] = watch
-        self.targets[watch.pid].watches[watch.id] = watch
+        self.targets[watch.pid].add_watch(watch)
 
     @staticmethod
     def _merge_want(old: Want | None, spec: Spec, priority: int, seq: int) -> Want:
@@ -527,11 +527,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
                             else None,
                         }
                     )
-                pending = [
-                    w.id
-                    for w in target.watches.values()
-                    if w.applies_to(thread.tid) and w.spec not in installed
-                ]
+                pending = [w.id for w in target.watches_of(thread.tid) if w.spec not in installed]
                 threads.append(
                     {
                         "tid": thread.tid,
@@ -583,9 +579,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         thread = ThreadRec(tid=tid, pid=target.pid, state=state, detaching=target.detaching)
         target.threads[tid] = thread
         self._threads[tid] = thread
-        for watch in target.watches.values():
-            if watch.applies_to(tid):
-                watch.states[tid] = "pending"
+        for watch in target.watches_of(tid):
+            watch.states[tid] = "pending"
         return thread
 
     def _ensure_target(self, pid: int) -> TargetRec:
@@ -646,7 +641,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         target = self.targets.get(watch.pid)
         if target is None:
             return
-        target.watches.pop(watch.id, None)
+        target.discard_watch(watch)
         for thread in self._threads_for(target, watch.tid):
             slot = thread.slots.get(watch.spec)
             if slot is not None and watch in slot.watches:
@@ -677,9 +672,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
     ) -> None:
         """Thread ``tid`` exited while its process lives on: its thread-scope watches end;
         the process is let go if nothing else needs it."""
-        for watch in list(target.watches.values()):
-            if watch.tid == tid:
-                self._end_watch(watch, "thread-exit", code, sig)
+        for watch in list(target.scoped.get(tid, {}).values()):
+            self._end_watch(watch, "thread-exit", code, sig)
         self._maybe_detach(target)
 
     def ended_watches(self) -> list[dict[str, Any]]:
@@ -711,9 +705,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         thread.freed = False
         target = self.targets[thread.pid]
         by_spec: dict[Spec, list[WatchRec]] = defaultdict(list)
-        for watch in target.watches.values():
-            if watch.applies_to(thread.tid):
-                by_spec[watch.spec].append(watch)
+        for watch in target.watches_of(thread.tid):
+            by_spec[watch.spec].append(watch)
         wants = [
             Want(spec, max(w.priority for w in ws), min(w.seq for w in ws))
             for spec, ws in by_spec.items()
