@@ -3,13 +3,16 @@
 A request about one thread looks at that thread's watches only. These tests check, on the
 fake kernel, that the index stays equal to a scan of every watch of the process through
 every way a watch comes and goes (thread-scope and process-wide watches, removal, client
-disconnect, thread exit, clone, exec, detach), and that an engine using the index and one
-scanning every watch (``ScanTarget``) do exactly the same thing: same kernel calls, same
-slots, same events in the same order, step by step over random sequences of operations.
+disconnect, thread exit, clone, exec, detach), and that the engine and the engine as it
+was before (``ScanEngine``: every watch scanned, the former ``_reconcile``) do exactly the
+same thing: same kernel calls, same slots, same events in the same order, step by step
+over random sequences of operations.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Collection
 from typing import Any
 
 import pytest
@@ -18,9 +21,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from hwbkpt_proto import HwbkptError, NoSpaceError
+from hwbkptd._alloc import CAPACITY, Want, choose
 from hwbkptd._engine import Engine
 from hwbkptd._model import Access, Mode, Spec
-from hwbkptd._records import TargetRec, ThreadState, WatchRec
+from hwbkptd._records import TargetRec, ThreadRec, ThreadState, WatchRec
 from tests.fakes import Harness
 
 PID = 300
@@ -243,12 +247,106 @@ class ScanTarget(TargetRec):
 
 
 class ScanEngine(Engine):
-    """An engine whose targets scan every watch (see :class:`ScanTarget`)."""
+    """The engine as it was before issue 13: its targets scan every watch (see
+    :class:`ScanTarget`) and :meth:`_reconcile` is the former one (``Want`` objects,
+    :func:`choose`, a second sort), the reference the new one must match exactly."""
 
     def _ensure_target(self, pid: int) -> TargetRec:
         target = super()._ensure_target(pid)
         target.__class__ = ScanTarget
         return target
+
+    def _reconcile(
+        self, thread: ThreadRec, fresh: Collection[WatchRec] = (), *, again: bool = True
+    ) -> None:
+        """main's _reconcile before issue 13, verbatim but for this docstring."""
+        if thread.state is ThreadState.NEW or thread.detaching:
+            return
+        thread.freed = False
+        target = self.targets[thread.pid]
+        by_spec: dict[Spec, list[WatchRec]] = defaultdict(list)
+        for watch in target.watches.values():
+            if watch.applies_to(thread.tid):
+                by_spec[watch.spec].append(watch)
+        wants = [
+            Want(spec, max(w.priority for w in ws), min(w.seq for w in ws))
+            for spec, ws in by_spec.items()
+        ]
+        chosen = choose(wants, thread.busy)
+        for spec in list(thread.slots):
+            if spec not in chosen:
+                self._close_slot(thread, spec)
+        ranked = sorted(wants, key=lambda w: w.rank)
+        rank = {w.spec: w.rank for w in ranked}
+        stopped = thread.state is ThreadState.STOPPED
+        for want in ranked:
+            spec = want.spec
+            if len(thread.slots) >= CAPACITY and spec not in thread.slots:
+                break
+            if spec in thread.busy:
+                continue
+            watches = by_spec[spec]
+            mode = max(w.mode for w in watches)
+            filtered, flags = self._filter_of(watches)
+            if filtered and not self._bpf:
+                mode = Mode.STOP  # the port evaluates the conditions at each hit's stop
+            slot = thread.slots.get(spec)
+            if slot is not None and any(w not in slot.watches for w in watches):
+                self._refresh(slot)  # baseline: earlier hits are not the newcomer's
+            if slot is not None and (
+                slot.mode != mode or slot.filtered != filtered or slot.flags != flags
+            ):
+                # A new set of conditions is a new program, and an event's program cannot
+                # be replaced (PERF_EVENT_IOC_SET_BPF answers EEXIST): reopen, as for a mode.
+                if not stopped:
+                    self._reopen_later(thread)
+                    slot.watches = watches
+                    continue
+                self._close_slot(thread, spec)
+                slot = None
+            if slot is None:
+                slot = self._open_slot(thread, spec, mode, filtered, flags)
+                if slot is None and spec in thread.busy:
+                    # The kernel is out of slots (someone outside the daemon holds some):
+                    # our own lower-ranked slot gives way, as priority says (DESIGN 5.1).
+                    lower = [s for s in thread.slots if rank.get(s, (0, 0)) > want.rank]
+                    if lower:
+                        self._close_slot(thread, max(lower, key=lambda s: rank[s]))
+                        thread.busy.discard(spec)
+                        slot = self._open_slot(thread, spec, mode, filtered, flags)
+                if slot is None:
+                    continue
+            slot.watches = watches
+        if thread.freed and thread.busy and again:
+            # A slot closed during this pass: what the kernel refused may fit now.
+            thread.busy.clear()
+            self._reconcile(thread, fresh, again=False)
+            return
+        # Tell owners about every change of state on this thread.
+        for spec, watches in by_spec.items():
+            installed = spec in thread.slots
+            for watch in watches:
+                old = watch.states.get(thread.tid)
+                new = "installed" if installed else "pending"
+                if not installed:
+                    reason = "busy" if spec in thread.busy else "preempted"
+                    watch.reasons[thread.tid] = reason
+                else:
+                    watch.reasons.pop(thread.tid, None)
+                watch.states[thread.tid] = new
+                if old == new or watch in fresh:
+                    continue  # a fresh watch's state is in the reply that created it
+                if new == "installed":
+                    self._emit(
+                        watch.client, "installed", {"watch": watch.id, "tid": thread.tid}, False
+                    )
+                else:
+                    self._emit(
+                        watch.client,
+                        "uninstalled",
+                        {"watch": watch.id, "tid": thread.tid, "reason": watch.reasons[thread.tid]},
+                        False,
+                    )
 
 
 SPECS = [X, Y, Z, Spec(0x1000, 4, Access.WRITE), Spec(0x5000, 1, Access.EXECUTE)]
@@ -256,7 +354,7 @@ ACCESSES = [(0x1000, 8, "w"), (0x1000, 1, "r"), (0x2000, 8, "w"), (0x3000, 4, "r
 
 
 class IndexVsScan(RuleBasedStateMachine):
-    """The same operations on an engine with the index and on one scanning every watch:
+    """The same operations on the engine and on the engine as it was (:class:`ScanEngine`):
     every kernel call, every event (per client, in order) and every slot must be equal."""
 
     def __init__(self) -> None:
@@ -376,6 +474,18 @@ class IndexVsScan(RuleBasedStateMachine):
                 h.kernel.exec(PID)
             self.settle()
             self.wids = [(c, w) for c, w in self.wids if w in self.hs[0].engine._watches]
+
+    @rule(which=st.integers(0, 4), n=st.integers(0, 3))
+    def external_users(self, which: int, n: int) -> None:
+        """Other perf/ptrace users take free slots: the kernel says ENOSPC (busy specs)."""
+        tids = self.k.processes.get(PID, [])
+        if tids:
+            tid = tids[which % len(tids)]
+            for h in self.hs:
+                free = CAPACITY - len(h.kernel.open_events(tid))
+                h.kernel.external_slots[tid] = min(n, free)
+                h.engine.retry_busy()
+            self.settle()
 
     @invariant()
     def alike(self) -> None:
