@@ -716,7 +716,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         # Each spec's rank (_alloc.Want.rank: its best priority, then its earliest request)
         # and the specs best first, as _alloc.choose ranks them: done once here, without a
         # Want per spec and a second sort, as this pass walks that order itself (measured:
-        # bench/engine_micro.py). tests/test_engine.py checks the result against choose().
+        # bench/engine_micro.py). tests/test_engine.py checks the slots against choose(),
+        # tests/test_watch_index.py the whole pass against the former one.
         rank: dict[Spec, tuple[int, int]] = {}
         for spec, ws in by_spec.items():
             if len(ws) == 1:
