@@ -7,7 +7,8 @@ nothing here (:class:`NullPort`), so what is measured is the engine's Python alo
 
 Scenarios: a 100-thread target with one process-wide anchor watch, and either no other
 watch or 400 thread-scoped ones (4 on each thread, sharing one address: four clients
-watching one variable of their thread). Each pair watches an address on one thread (the
+watching one variable of their thread); and the rpc bench's shape, 32 threads with one
+thread-scoped watch each besides the anchor. Each pair watches an address on one thread (the
 threads in turn) and removes the watch again. Prints µs of thread CPU per pair, the best
 of 7 batches and all of them.
 """
@@ -51,17 +52,20 @@ class NullPort:
         return getattr(self.real, name)
 
 
-def measure(background: int) -> tuple[float, list[float]]:
-    """µs of CPU per pair with ``background`` thread-scoped watches on the target."""
+def measure(
+    background: int, threads: int = THREADS, per_thread: int = 4
+) -> tuple[float, list[float]]:
+    """µs of CPU per pair with ``background`` thread-scoped watches on the target, spread
+    ``per_thread`` to a thread over its ``threads`` threads."""
     h = Harness(park=False)
-    tids = h.kernel.spawn(PID, THREADS)
+    tids = h.kernel.spawn(PID, threads)
     engine = h.engine
-    for cid in range(1, 6):
+    for cid in range(1, per_thread + 2):
         engine.add_client(cid)
     engine.watch(1, PID, Spec(0x10018, 8, Access.WRITE), Mode.COUNT)  # the anchor
     for i in range(background):
-        engine.watch(2 + i % 4, PID, Spec(0x20000, 8, Access.WRITE), Mode.COUNT,
-                     tid=tids[i // 4 % THREADS])  # fmt: skip
+        engine.watch(2 + i % per_thread, PID, Spec(0x20000, 8, Access.WRITE), Mode.COUNT,
+                     tid=tids[i // per_thread % threads])  # fmt: skip
     h.settle()
     engine._port = NullPort(h.kernel)  # type: ignore[assignment]
     spec = Spec(0x10000, 8, Access.WRITE)
@@ -69,7 +73,7 @@ def measure(background: int) -> tuple[float, list[float]]:
     for _ in range(BATCHES):
         t0 = time.thread_time_ns()
         for i in range(PAIRS):
-            watch = engine.watch(1, PID, spec, Mode.COUNT, tid=tids[i % THREADS])
+            watch = engine.watch(1, PID, spec, Mode.COUNT, tid=tids[i % threads])
             engine.unwatch(1, watch.id)
         batches.append((time.thread_time_ns() - t0) / PAIRS / 1e3)
         h.emitted.clear()
@@ -83,6 +87,12 @@ def main() -> None:
             f"engine watch+unwatch, {background + 1} watches on the target before the pair: "
             f"{best:.2f} µs/pair (batches {[round(b, 1) for b in batches]})"
         )
+    # The shape of `python -m bench --only rpc`: 32 threads, one client's watch on each.
+    best, batches = measure(32, threads=32, per_thread=1)
+    print(
+        f"engine watch+unwatch, rpc bench's shape (32 threads, 33 watches): {best:.2f} µs/pair "
+        f"(batches {[round(b, 1) for b in batches]})"
+    )
 
 
 if __name__ == "__main__":
