@@ -221,7 +221,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         )
         self._clients[cid].watches[watch.id] = watch
         self._watches[watch.id] = watch
-        target.watches[watch.id] = watch
+        target.add_watch(watch)
         target.clients.add(cid)
         self.counters["watches_created"] += 1
         for thread in self._threads_for(target, tid):
@@ -250,8 +250,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         gone = {w.id for w in remove}
         # Dry run: would every added spec be among the chosen ones?
         wants: dict[Spec, Want] = {}
-        for watch in target.watches.values():
-            if watch.applies_to(tid) and watch.id not in gone:
+        for watch in target.watches_of(tid):
+            if watch.id not in gone:
                 wants[watch.spec] = self._merge_want(
                     wants.get(watch.spec), watch.spec, watch.priority, watch.seq
                 )
@@ -283,7 +283,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
             watch.states[tid] = "pending"
             self._clients[cid].watches[watch.id] = watch
             self._watches[watch.id] = watch
-            target.watches[watch.id] = watch
+            target.add_watch(watch)
             made.append(watch)
         target.clients.add(cid)
         self._reconcile(thread, fresh=made)
@@ -300,7 +300,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
     def _restore(self, watch: WatchRec) -> None:
         self._clients[watch.client].watches[watch.id] = watch
         self._watches[watch.id] = watch
-        self.targets[watch.pid].watches[watch.id] = watch
+        self.targets[watch.pid].add_watch(watch)
 
     @staticmethod
     def _merge_want(old: Want | None, spec: Spec, priority: int, seq: int) -> Want:
@@ -527,11 +527,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
                             else None,
                         }
                     )
-                pending = [
-                    w.id
-                    for w in target.watches.values()
-                    if w.applies_to(thread.tid) and w.spec not in installed
-                ]
+                pending = [w.id for w in target.watches_of(thread.tid) if w.spec not in installed]
                 threads.append(
                     {
                         "tid": thread.tid,
@@ -583,9 +579,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         thread = ThreadRec(tid=tid, pid=target.pid, state=state, detaching=target.detaching)
         target.threads[tid] = thread
         self._threads[tid] = thread
-        for watch in target.watches.values():
-            if watch.applies_to(tid):
-                watch.states[tid] = "pending"
+        for watch in target.watches_of(tid):
+            watch.states[tid] = "pending"
         return thread
 
     def _ensure_target(self, pid: int) -> TargetRec:
@@ -646,7 +641,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         target = self.targets.get(watch.pid)
         if target is None:
             return
-        target.watches.pop(watch.id, None)
+        target.discard_watch(watch)
         for thread in self._threads_for(target, watch.tid):
             slot = thread.slots.get(watch.spec)
             if slot is not None and watch in slot.watches:
@@ -677,9 +672,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
     ) -> None:
         """Thread ``tid`` exited while its process lives on: its thread-scope watches end;
         the process is let go if nothing else needs it."""
-        for watch in list(target.watches.values()):
-            if watch.tid == tid:
-                self._end_watch(watch, "thread-exit", code, sig)
+        for watch in list(target.scoped.get(tid, {}).values()):
+            self._end_watch(watch, "thread-exit", code, sig)
         self._maybe_detach(target)
 
     def ended_watches(self) -> list[dict[str, Any]]:
@@ -709,34 +703,44 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         if thread.state is ThreadState.NEW or thread.detaching:
             return
         thread.freed = False
-        target = self.targets[thread.pid]
-        by_spec: dict[Spec, list[WatchRec]] = defaultdict(list)
-        for watch in target.watches.values():
-            if watch.applies_to(thread.tid):
-                by_spec[watch.spec].append(watch)
-        wants = [
-            Want(spec, max(w.priority for w in ws), min(w.seq for w in ws))
-            for spec, ws in by_spec.items()
-        ]
-        chosen = choose(wants, thread.busy)
-        for spec in list(thread.slots):
+        tid = thread.tid
+        slots = thread.slots
+        busy = thread.busy
+        by_spec: dict[Spec, list[WatchRec]] = {}
+        for watch in self.targets[thread.pid].watches_of(tid):
+            same = by_spec.get(watch.spec)
+            if same is None:
+                by_spec[watch.spec] = [watch]
+            else:
+                same.append(watch)
+        # Each spec's rank (_alloc.Want.rank: its best priority, then its earliest request)
+        # and the specs best first, as _alloc.choose ranks them: done once here, without a
+        # Want per spec and a second sort, as this pass walks that order itself (measured:
+        # bench/engine_micro.py). tests/test_engine.py checks the slots against choose(),
+        # tests/test_watch_index.py the whole pass against the former one.
+        rank: dict[Spec, tuple[int, int]] = {}
+        for spec, ws in by_spec.items():
+            if len(ws) == 1:
+                rank[spec] = (-ws[0].priority, ws[0].seq)
+            else:
+                rank[spec] = (-max(w.priority for w in ws), min(w.seq for w in ws))
+        ranked = sorted(rank, key=rank.__getitem__)
+        chosen = [s for s in ranked if s not in busy][:CAPACITY] if busy else ranked[:CAPACITY]
+        for spec in list(slots):
             if spec not in chosen:
                 self._close_slot(thread, spec)
-        ranked = sorted(wants, key=lambda w: w.rank)
-        rank = {w.spec: w.rank for w in ranked}
         stopped = thread.state is ThreadState.STOPPED
-        for want in ranked:
-            spec = want.spec
-            if len(thread.slots) >= CAPACITY and spec not in thread.slots:
+        for spec in ranked:
+            if len(slots) >= CAPACITY and spec not in slots:
                 break
-            if spec in thread.busy:
+            if spec in busy:
                 continue
             watches = by_spec[spec]
-            mode = max(w.mode for w in watches)
+            mode = watches[0].mode if len(watches) == 1 else max(w.mode for w in watches)
             filtered, flags = self._filter_of(watches)
             if filtered and not self._bpf:
                 mode = Mode.STOP  # the port evaluates the conditions at each hit's stop
-            slot = thread.slots.get(spec)
+            slot = slots.get(spec)
             if slot is not None and any(w not in slot.watches for w in watches):
                 self._refresh(slot)  # baseline: earlier hits are not the newcomer's
             if slot is not None and (
@@ -752,45 +756,45 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
                 slot = None
             if slot is None:
                 slot = self._open_slot(thread, spec, mode, filtered, flags)
-                if slot is None and spec in thread.busy:
+                if slot is None and spec in busy:
                     # The kernel is out of slots (someone outside the daemon holds some):
                     # our own lower-ranked slot gives way, as priority says (DESIGN 5.1).
-                    lower = [s for s in thread.slots if rank.get(s, (0, 0)) > want.rank]
+                    lower = [s for s in slots if rank.get(s, (0, 0)) > rank[spec]]
                     if lower:
-                        self._close_slot(thread, max(lower, key=lambda s: rank[s]))
-                        thread.busy.discard(spec)
+                        self._close_slot(thread, max(lower, key=rank.__getitem__))
+                        busy.discard(spec)
                         slot = self._open_slot(thread, spec, mode, filtered, flags)
                 if slot is None:
                     continue
             slot.watches = watches
-        if thread.freed and thread.busy and again:
+        if thread.freed and busy and again:
             # A slot closed during this pass: what the kernel refused may fit now.
-            thread.busy.clear()
+            busy.clear()
             self._reconcile(thread, fresh, again=False)
             return
         # Tell owners about every change of state on this thread.
         for spec, watches in by_spec.items():
-            installed = spec in thread.slots
+            if spec in slots:
+                for watch in watches:
+                    watch.reasons.pop(tid, None)
+                    if watch.states.get(tid) == "installed":
+                        continue
+                    watch.states[tid] = "installed"
+                    if watch not in fresh:  # a fresh watch's state is in its `watch` reply
+                        fields = {"watch": watch.id, "tid": tid}
+                        self._emit(watch.client, "installed", fields, False)
+                continue
+            reason = "busy" if spec in busy else "preempted"
             for watch in watches:
-                old = watch.states.get(thread.tid)
-                new = "installed" if installed else "pending"
-                if not installed:
-                    reason = "busy" if spec in thread.busy else "preempted"
-                    watch.reasons[thread.tid] = reason
-                else:
-                    watch.reasons.pop(thread.tid, None)
-                watch.states[thread.tid] = new
-                if old == new or watch in fresh:
-                    continue  # a fresh watch's state is in the reply that created it
-                if new == "installed":
-                    self._emit(
-                        watch.client, "installed", {"watch": watch.id, "tid": thread.tid}, False
-                    )
-                else:
+                watch.reasons[tid] = reason
+                if watch.states.get(tid) == "pending":
+                    continue
+                watch.states[tid] = "pending"
+                if watch not in fresh:
                     self._emit(
                         watch.client,
                         "uninstalled",
-                        {"watch": watch.id, "tid": thread.tid, "reason": watch.reasons[thread.tid]},
+                        {"watch": watch.id, "tid": tid, "reason": reason},
                         False,
                     )
 

@@ -690,7 +690,7 @@ class StopHandling:
         if target is None:
             return
         target.threads.pop(thread.tid, None)
-        for watch in target.watches.values():
+        for watch in target.watches_of(thread.tid):
             if (
                 watch.states.pop(thread.tid, None) is not None
                 and reason
