@@ -15,20 +15,16 @@ still owes a resume for), ``LISTENING`` (group-stop, job control), ``PARKING`` (
 from a SIGTRAP signal-delivery-stop to an interrupt stop, see below) or ``NEW`` (created
 by a traced thread; it starts in an event stop the engine has not seen yet).
 
-*Slots.* Per thread, :func:`hwbkptd._alloc.choose` decides which specs hold the four slots.
-Each installed spec is one kernel breakpoint event (a :class:`SlotRec`) shared by every
-watch of that spec on that thread, configured for the strongest mode among them
-(stop > notify > count); when that changes the event is reopened.
-
-*Counts.* Every event counts every hit. The engine remembers each event's last counter
-value; a delta is credited to every watch installed on it. Deltas are taken at every trap,
-before a slot closes, and when a client asks for a count, so each watch counts exactly the
-hits since it was installed. Routing by counter deltas rather than by the SIGTRAP's
-``si_perf_data`` is required: one instruction can fire two events and yield one SIGTRAP
+*Slots and counts.* Per thread, the best-ranked specs hold the four slots, each one
+kernel breakpoint event shared by every watch of that spec on that thread; every event
+counts every hit, and each watch is credited with the counter's deltas since it was
+installed (:mod:`hwbkptd._slots`). Hits are routed by those deltas rather than by the
+SIGTRAP's ``si_perf_data``: one instruction can fire two events and yield one SIGTRAP
 (legacy signals coalesce; DESIGN §4).
 
 The ptrace side — stops, holds, whose SIGTRAP, thread life and detach — is in
-:mod:`hwbkptd._stops`; the records both share are in :mod:`hwbkptd._records`.
+:mod:`hwbkptd._stops`; the slots and their counters in :mod:`hwbkptd._slots`; the records
+they share in :mod:`hwbkptd._records`.
 """
 
 from __future__ import annotations
@@ -37,11 +33,10 @@ import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from hwbkpt_proto import (
-    InvalidArgumentError,
     LimitExceededError,
     NoSpaceError,
     NoSuchProcessError,
@@ -53,13 +48,9 @@ from hwbkptd._cond import Condition
 from hwbkptd._model import Mode, Spec
 from hwbkptd._prepared import PreparedStops
 from hwbkptd._records import (
-    FILTER_HITS,
-    FILTER_LAST_NEW,
-    FILTER_LAST_OLD,
     TOKEN_MAGIC,
     ClientRec,
     Emit,
-    Filter,
     Port,
     SigInfo,
     SlotRec,
@@ -69,6 +60,7 @@ from hwbkptd._records import (
     WatchRec,
 )
 from hwbkptd._signals import SignalHandling
+from hwbkptd._slots import SlotHandling
 from hwbkptd._stops import StopHandling
 
 __all__ = [
@@ -86,7 +78,7 @@ log = logging.getLogger(__name__)
 MAX_NOTIFY_CONDITIONS = 64
 
 
-class Engine(StopHandling, SignalHandling, PreparedStops):
+class Engine(StopHandling, SignalHandling, PreparedStops, SlotHandling):
     """All daemon state that is not I/O. See the module docstring."""
 
     def __init__(
@@ -221,7 +213,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         )
         self._clients[cid].watches[watch.id] = watch
         self._watches[watch.id] = watch
-        target.watches[watch.id] = watch
+        target.add_watch(watch)
         target.clients.add(cid)
         self.counters["watches_created"] += 1
         for thread in self._threads_for(target, tid):
@@ -250,8 +242,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         gone = {w.id for w in remove}
         # Dry run: would every added spec be among the chosen ones?
         wants: dict[Spec, Want] = {}
-        for watch in target.watches.values():
-            if watch.applies_to(tid) and watch.id not in gone:
+        for watch in target.watches_of(tid):
+            if watch.id not in gone:
                 wants[watch.spec] = self._merge_want(
                     wants.get(watch.spec), watch.spec, watch.priority, watch.seq
                 )
@@ -283,7 +275,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
             watch.states[tid] = "pending"
             self._clients[cid].watches[watch.id] = watch
             self._watches[watch.id] = watch
-            target.watches[watch.id] = watch
+            target.add_watch(watch)
             made.append(watch)
         target.clients.add(cid)
         self._reconcile(thread, fresh=made)
@@ -300,7 +292,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
     def _restore(self, watch: WatchRec) -> None:
         self._clients[watch.client].watches[watch.id] = watch
         self._watches[watch.id] = watch
-        self.targets[watch.pid].watches[watch.id] = watch
+        self.targets[watch.pid].add_watch(watch)
 
     @staticmethod
     def _merge_want(old: Want | None, spec: Spec, priority: int, seq: int) -> Want:
@@ -527,11 +519,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
                             else None,
                         }
                     )
-                pending = [
-                    w.id
-                    for w in target.watches.values()
-                    if w.applies_to(thread.tid) and w.spec not in installed
-                ]
+                pending = [w.id for w in target.watches_of(thread.tid) if w.spec not in installed]
                 threads.append(
                     {
                         "tid": thread.tid,
@@ -583,9 +571,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         thread = ThreadRec(tid=tid, pid=target.pid, state=state, detaching=target.detaching)
         target.threads[tid] = thread
         self._threads[tid] = thread
-        for watch in target.watches.values():
-            if watch.applies_to(tid):
-                watch.states[tid] = "pending"
+        for watch in target.watches_of(tid):
+            watch.states[tid] = "pending"
         return thread
 
     def _ensure_target(self, pid: int) -> TargetRec:
@@ -648,7 +635,7 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
         target = self.targets.get(watch.pid)
         if target is None:
             return
-        target.watches.pop(watch.id, None)
+        target.discard_watch(watch)
         for thread in self._threads_for(target, watch.tid):
             slot = thread.slots.get(watch.spec)
             if slot is not None and watch in slot.watches:
@@ -679,9 +666,8 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
     ) -> None:
         """Thread ``tid`` exited while its process lives on: its thread-scope watches end;
         the process is let go if nothing else needs it."""
-        for watch in list(target.watches.values()):
-            if watch.tid == tid:
-                self._end_watch(watch, "thread-exit", code, sig)
+        for watch in list(target.scoped.get(tid, {}).values()):
+            self._end_watch(watch, "thread-exit", code, sig)
         self._maybe_detach(target)
 
     def ended_watches(self) -> list[dict[str, Any]]:
@@ -692,229 +678,3 @@ class Engine(StopHandling, SignalHandling, PreparedStops):
             for watch in client.watches.values()
             if watch.ended is not None
         ]
-
-    def _reconcile_target(self, target: TargetRec) -> None:
-        for thread in list(target.threads.values()):
-            self._reconcile(thread)
-
-    def _reconcile(
-        self, thread: ThreadRec, fresh: Collection[WatchRec] = (), *, again: bool = True
-    ) -> None:
-        """Make the thread's slots match the best wants; tell owners what changed.
-
-        A slot whose mode must change is reopened only while the thread is stopped: between
-        the close and the open a running thread would hit uncounted (closing a breakpoint
-        of a running thread takes IPIs, long enough for a tight loop to slip through —
-        measured). A running thread is interrupted instead, and the reopen happens just
-        before it runs again (:meth:`_resume_now`).
-        """
-        if thread.state is ThreadState.NEW or thread.detaching or thread.exiting:
-            return
-        thread.freed = False
-        target = self.targets[thread.pid]
-        by_spec: dict[Spec, list[WatchRec]] = defaultdict(list)
-        for watch in target.watches.values():
-            if watch.applies_to(thread.tid):
-                by_spec[watch.spec].append(watch)
-        wants = [
-            Want(spec, max(w.priority for w in ws), min(w.seq for w in ws))
-            for spec, ws in by_spec.items()
-        ]
-        chosen = choose(wants, thread.busy)
-        for spec in list(thread.slots):
-            if spec not in chosen:
-                self._close_slot(thread, spec)
-        ranked = sorted(wants, key=lambda w: w.rank)
-        rank = {w.spec: w.rank for w in ranked}
-        stopped = thread.state is ThreadState.STOPPED
-        for want in ranked:
-            spec = want.spec
-            if len(thread.slots) >= CAPACITY and spec not in thread.slots:
-                break
-            if spec in thread.busy:
-                continue
-            watches = by_spec[spec]
-            mode = max(w.mode for w in watches)
-            filtered, flags = self._filter_of(watches)
-            if filtered and not self._bpf:
-                mode = Mode.STOP  # the port evaluates the conditions at each hit's stop
-            slot = thread.slots.get(spec)
-            owed: list[WatchRec] = []
-            if slot is not None and any(w not in slot.watches for w in watches):
-                self._refresh(slot)  # baseline: earlier hits are not the newcomer's
-            if slot is not None and (
-                slot.mode != mode or slot.filtered != filtered or slot.flags != flags
-            ):
-                # A new set of conditions is a new program, and an event's program cannot
-                # be replaced (PERF_EVENT_IOC_SET_BPF answers EEXIST): reopen, as for a mode.
-                if not stopped:
-                    self._reopen_later(thread)
-                    slot.watches = watches
-                    continue
-                self._close_slot(thread, spec)
-                owed, slot = self._owed(slot), None
-            if slot is None:
-                slot = self._open_slot(thread, spec, mode, filtered, flags)
-                if slot is None and spec in thread.busy:
-                    # The kernel is out of slots (someone outside the daemon holds some):
-                    # our own lower-ranked slot gives way, as priority says (DESIGN 5.1).
-                    lower = [s for s in thread.slots if rank.get(s, (0, 0)) > want.rank]
-                    if lower:
-                        self._close_slot(thread, max(lower, key=lambda s: rank[s]))
-                        thread.busy.discard(spec)
-                        slot = self._open_slot(thread, spec, mode, filtered, flags)
-                if slot is None:
-                    continue
-                slot.unrouted = owed
-            slot.watches = watches
-        if thread.freed and thread.busy and again:
-            # A slot closed during this pass: what the kernel refused may fit now.
-            thread.busy.clear()
-            self._reconcile(thread, fresh, again=False)
-            return
-        # Tell owners about every change of state on this thread.
-        for spec, watches in by_spec.items():
-            installed = spec in thread.slots
-            for watch in watches:
-                old = watch.states.get(thread.tid)
-                new = "installed" if installed else "pending"
-                if not installed:
-                    reason = "busy" if spec in thread.busy else "preempted"
-                    watch.reasons[thread.tid] = reason
-                else:
-                    watch.reasons.pop(thread.tid, None)
-                watch.states[thread.tid] = new
-                if old == new or watch in fresh:
-                    continue  # a fresh watch's state is in the reply that created it
-                if new == "installed":
-                    self._emit(
-                        watch.client, "installed", {"watch": watch.id, "tid": thread.tid}, False
-                    )
-                else:
-                    self._emit(
-                        watch.client,
-                        "uninstalled",
-                        {"watch": watch.id, "tid": thread.tid, "reason": watch.reasons[thread.tid]},
-                        False,
-                    )
-
-    def _owed(self, slot: SlotRec) -> list[WatchRec]:
-        """The watches a reopened slot's old event counted a hit for whose SIGTRAP is still
-        queued: the new event's trap reports it (``_stops._on_sigtrap``). A reopen happens at
-        a stop, and the interrupt stop that serves it comes before a SIGTRAP already queued
-        (``get_signal``, kernel/signal.c, takes the job-control trap before dequeuing
-        signals), so the old event's last hit may be counted and not yet reported. Notify
-        hits of a slot whose filter program wrote them as records went with its ring."""
-        records = self._bpf and bool(slot.filtered)
-        return [w for w in slot.unrouted if not (records and w.mode is Mode.NOTIFY)]
-
-    @staticmethod
-    def _filter_of(watches: list[WatchRec]) -> tuple[tuple[WatchRec, ...], tuple[bool, bool]]:
-        """The conditional watches of a slot, whether every hit must be delivered anyway (an
-        unconditional stop watch) and whether every hit must be recorded (an unconditional
-        notify watch). Unconditional counts come from the event's own counter, which counts
-        every hit whatever the program says."""
-        filtered = tuple(w for w in watches if w.condition is not None)
-        if not filtered:
-            return (), (False, False)
-        plain = [w.mode for w in watches if w.condition is None]
-        return filtered, (Mode.STOP in plain, Mode.NOTIFY in plain)
-
-    def _open_slot(
-        self,
-        thread: ThreadRec,
-        spec: Spec,
-        mode: Mode,
-        filtered: tuple[WatchRec, ...] = (),
-        flags: tuple[bool, bool] = (False, False),
-    ) -> SlotRec | None:
-        token = TOKEN_MAGIC | next(self._token_ids)
-        flt = None
-        if filtered:
-            flt = Filter(
-                conditions=tuple(w.condition for w in filtered if w.condition is not None),
-                always=flags[0],
-                hits=tuple(w.cond_hits.get(thread.tid, 0) for w in filtered),
-                deliver=tuple(w.mode is Mode.STOP for w in filtered),
-                notify=tuple(i for i, w in enumerate(filtered) if w.mode is Mode.NOTIFY),
-                notify_all=flags[1],
-            )
-        try:
-            handle = self._port.open_slot(thread.tid, spec, mode, token, flt)
-        except NoSpaceError:
-            thread.busy.add(spec)
-            self.counters["slots_busy"] += 1
-            return None
-        except NoSuchProcessError:
-            return None  # the thread is exiting; its exit is reported separately
-        except InvalidArgumentError as err:
-            log.warning("kernel refused %s on %d: %s", spec, thread.tid, err)
-            thread.busy.add(spec)
-            return None
-        slot = SlotRec(spec=spec, handle=handle, mode=mode, token=token, tid=thread.tid)
-        if flt is not None:
-            slot.filtered, slot.flags, slot.cond_last = filtered, flags, list(flt.hits)
-        thread.slots[spec] = slot
-        thread.had_slots = True
-        if mode is Mode.STOP:
-            thread.may_trap = True
-        self._tokens[token] = (thread, slot)
-        self.counters["slots_opened"] += 1
-        return slot
-
-    def _close_slot(self, thread: ThreadRec, spec: Spec) -> None:
-        slot = thread.slots.pop(spec)
-        self._refresh(slot)
-        if slot.mode is Mode.NOTIFY or (self._bpf and self._records_of(slot)):
-            # Hits still in the ring (and losses the kernel never got to report) belong to
-            # the watches of this slot: deliver them before the ring goes.
-            try:
-                samples, lost, throttled = self._port.drain(slot.handle, True)
-            except NoSuchProcessError:
-                samples, lost, throttled = [], 0, 0
-            self.on_samples(slot.token, samples, lost, throttled)
-        self._tokens.pop(slot.token, None)
-        try:
-            self._port.close_slot(slot.handle)
-        finally:
-            thread.freed = True  # capacity may have changed for what the kernel refused
-
-    def _refresh(self, slot: SlotRec) -> list[WatchRec]:
-        """Read the slot's counters; credit each watch installed on it with its new hits.
-
-        Returns the watches credited. An unconditional watch gets the event counter's
-        delta (every hit); a conditional one its own counter's delta in the slot's filter
-        (its true hits).
-        """
-        try:
-            now = self._port.read_count(slot.handle)
-        except NoSuchProcessError:
-            return []
-        credited = self._credit(slot, now)
-        if slot.filtered:
-            # Read even when the event's counter did not move: the kernel counts the hit
-            # before the program runs (perf_swevent_event, then the overflow handler), so a
-            # read on another CPU in between saw the count but not yet the program's work.
-            self._refresh_filter(slot, credited)
-        if slot.mode is Mode.STOP:
-            # Every hit credited here has a SIGTRAP that stops for it (SlotRec.unrouted).
-            slot.unrouted.extend(w for w in credited if w not in slot.unrouted)
-        return credited
-
-    def _refresh_filter(self, slot: SlotRec, credited: list[WatchRec]) -> None:
-        try:
-            words = self._port.read_filter(slot.handle)
-        except NoSuchProcessError:
-            return
-        slot.values = (words[FILTER_LAST_NEW], words[FILTER_LAST_OLD])
-        for i, watch in enumerate(slot.filtered):
-            now = words[FILTER_HITS + i]
-            delta = now - slot.cond_last[i]
-            if delta <= 0:
-                continue
-            slot.cond_last[i] = now
-            if watch not in slot.watches:
-                continue  # left the slot; its program is replaced at the next stop
-            watch.count += delta
-            watch.cond_hits[slot.tid] = watch.cond_hits.get(slot.tid, 0) + delta
-            credited.append(watch)

@@ -7,8 +7,9 @@ Plain state shared by :mod:`hwbkptd._engine` (watches, slots, counts) and
 from __future__ import annotations
 
 import enum
+import itertools
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -166,6 +167,9 @@ class WatchRec:
     condition: Condition | None = None
     path: str | None = None  # where its condition is evaluated: "bpf" or "ptrace"
     cond_hits: dict[int, int] = field(default_factory=dict)  # per thread: true hits
+    # Its place among its target's watches (TargetRec.add_watch): the order of creation,
+    # which orders slots' watch lists and so the events of a hit.
+    place: int = 0
 
     def applies_to(self, tid: int) -> bool:
         return self.tid is None or self.tid == tid
@@ -271,11 +275,24 @@ class ThreadRec:
     injected: int = 0  # a signal a client asked for, sent with tgkill: delivered untold
 
 
+def _place(watch: WatchRec) -> int:
+    return watch.place
+
+
 @dataclass(eq=False, slots=True)
 class TargetRec:
+    """A managed process. Its live watches are in ``watches`` (by id, in the order they
+    were added) and, indexed by scope, in ``wide`` (process-wide) and ``scoped`` (by tid):
+    change them only through :meth:`add_watch` and :meth:`discard_watch`, which keep the
+    three in step, so a request about one thread looks at that thread's watches only
+    (:meth:`watches_of`) instead of every watch of the process (issue 13)."""
+
     pid: int
     threads: dict[int, ThreadRec] = field(default_factory=dict)
     watches: dict[int, WatchRec] = field(default_factory=dict)
+    wide: dict[int, WatchRec] = field(default_factory=dict)
+    scoped: dict[int, dict[int, WatchRec]] = field(default_factory=dict)
+    _places: itertools.count[int] = field(default_factory=itertools.count)
     detaching: bool = False
     clients: set[int] = field(default_factory=set)  # clients told about this target
     # Clients attached to the whole process (``attach``): it stays seized while any is,
@@ -288,6 +305,40 @@ class TargetRec:
     # stop (``attach`` with ``hold_threads``: a debugger's all-stop at a thread-create
     # report). Only those still attached count.
     hold_new: set[int] = field(default_factory=set)
+
+    def add_watch(self, watch: WatchRec) -> None:
+        """Add a live watch (a new one, or one restored) after every other."""
+        watch.place = next(self._places)
+        self.watches[watch.id] = watch
+        if watch.tid is None:
+            self.wide[watch.id] = watch
+        else:
+            self.scoped.setdefault(watch.tid, {})[watch.id] = watch
+
+    def discard_watch(self, watch: WatchRec) -> bool:
+        """Remove a watch if it is one of this target's; returns whether it was."""
+        if self.watches.pop(watch.id, None) is None:
+            return False
+        if watch.tid is None:
+            del self.wide[watch.id]
+        else:
+            mine = self.scoped[watch.tid]
+            del mine[watch.id]
+            if not mine:
+                del self.scoped[watch.tid]
+        return True
+
+    def watches_of(self, tid: int) -> Collection[WatchRec]:
+        """The live watches that apply to thread ``tid`` — process-wide ones and its own —
+        in the order of :attr:`watches`. A view when only one kind exists: do not change
+        the target's watches while iterating it."""
+        mine = self.scoped.get(tid)
+        if mine is None:
+            return self.wide.values()
+        if not self.wide:
+            return mine.values()
+        # Two runs, each already in place order: the sort merges them in linear time.
+        return sorted([*self.wide.values(), *mine.values()], key=_place)
 
 
 @dataclass(eq=False, slots=True)

@@ -266,8 +266,20 @@ class Server:
             client.uncork()
 
     def _handle_messages(self, client: ClientHandle, data: bytes) -> bool:
+        """Run the messages of ``data`` in order; ``False`` after a protocol error.
+
+        A read that is one whole request and nothing else (a client waiting for each
+        answer: the usual case) is decoded in one piece (:meth:`Connection.take_request`,
+        issue 13); a request after a partial message, several in one read, a notification
+        or anything the fast decoder is not sure of goes through the general decoder, which
+        keeps their order and names what is wrong.
+        """
         conn = client._conn
         try:
+            request = conn.take_request(data)
+            if request is not None:
+                self._answer(client, request)
+                return True
             conn.receive_data(data)
             while (msg := conn.next_message()) is not None:
                 if isinstance(msg, Request):

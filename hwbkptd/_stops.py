@@ -384,7 +384,7 @@ class StopHandling:
             if slot.mode is Mode.STOP or slot.unrouted:
                 # This trap's hits, and those a read since the last trap counted already
                 # (SlotRec.unrouted) — of the watches still on the slot. A slot reopened
-                # in another mode since the hit carries them over (Engine._owed).
+                # in another mode since the hit carries them over (SlotHandling._owed, _slots.py).
                 if slot.mode is not Mode.STOP:
                     carried.add(spec)
                 advanced = [w for w in slot.unrouted if w in slot.watches]
@@ -704,7 +704,7 @@ class StopHandling:
         if target is None:
             return
         target.threads.pop(thread.tid, None)
-        for watch in target.watches.values():
+        for watch in target.watches_of(thread.tid):
             if (
                 watch.states.pop(thread.tid, None) is not None
                 and reason

@@ -181,7 +181,7 @@ def test_results_deeper_than_the_fast_walk_go_the_general_way() -> None:
     for _ in range(20):
         nested = [nested]
     fast, general, took = _both(_answer(nested))
-    assert not took  # deeper than _FAST_DEPTH, within the default max_depth of 32
+    assert not took  # deeper than FAST_DEPTH, within the default max_depth of 32
     assert fast == general == ("result", nested)
 
 

@@ -23,7 +23,8 @@ of the library's ~30 µs of Python per pair; this way it is 1.5 and 1 to 4 µs (
 pair; bench "client library CPU/pair", bench/README.md). So :meth:`Session.request` packs a
 well-formed call with one reused ``Packer``, and :meth:`Session.receive_data` decodes a
 successful answer that arrives alone in one read with one ``unpackb`` and the checks the
-connection would make of it (:func:`_plain`). Both produce exactly what the general path
+connection would make of it (:func:`hwbkpt_proto._connection.plain_value`, shared with the
+daemon's :meth:`Connection.take_request`). Both produce exactly what the general path
 does; anything else (an error answer, two messages in one read, a value the checks refuse,
 an answer nobody waits for) takes the general path, which builds the same bytes or names
 the same error.
@@ -53,6 +54,7 @@ from hwbkpt_proto import (
     Response,
     error_from_wire,
 )
+from hwbkpt_proto._connection import FAST_DEPTH, PLAIN_SCALARS, plain_value
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -69,37 +71,12 @@ DEFAULT_SOCKET = "/run/hwbkptd/hwbkptd.sock"
 SOCKET_ENV = "HWBKPT_SOCKET"
 
 # Session._take_response: the bytes a successful response starts with ([1, msgid, nil,
-# result]: fixarray 4, then 1), and the most one may weigh to be decoded in one piece.
+# result]: fixarray 4, then 1). The most one may weigh to be decoded in one piece and the
+# checks of its values are the protocol package's, shared with the daemon's
+# Connection.take_request.
 _RESPONSE_HEAD = b"\x94\x01"
-_RESPONSE_MAX = 4096
-_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
-_KEYS = frozenset({str, int, bytes})
 _STR = frozenset({str})
 _unpackb = msgpack.unpackb
-# Deeper results (a daemon's are 3 deep at most) are left to the general path, so the
-# recursion of _plain stays short whatever Limits.max_depth says.
-_FAST_DEPTH = 16
-
-
-def _plain(value: Any, depth: int) -> bool:
-    """True if ``value`` is plain msgpack (no ``ext`` values, map keys str, int or bytes)
-    with containers nested at most ``depth`` deep: what :class:`Connection` checks of a
-    decoded message. The types of a container's elements are tested in C (``issuperset``);
-    only nested containers recurse, at most ``depth`` (:data:`_FAST_DEPTH`) calls deep."""
-    t = type(value)
-    if t is dict:
-        if not _KEYS.issuperset(map(type, value)):
-            return False
-        items = value.values()
-    elif t is list:
-        items = value
-    else:
-        return t in _SCALARS  # not ExtType or Timestamp
-    if depth < 1:
-        return False
-    if _SCALARS.issuperset(map(type, items)):
-        return True
-    return all(type(item) in _SCALARS or _plain(item, depth - 1) for item in items)
 
 
 # How many encoded per-thread notifications a session remembers (Session.thread_notification);
@@ -155,17 +132,8 @@ class Session:
 
     def __init__(self, limits: Limits | None = None) -> None:
         self._conn = Connection(limits or Limits())
-        limits = self._conn.limits
-        # A response this small cannot break a size limit; only its values are checked.
-        self._response_max = min(
-            _RESPONSE_MAX,
-            limits.max_message_size,
-            limits.max_container_len,
-            limits.max_str_len,
-            limits.max_bin_len,
-        )
         # Containers a response's result may nest: the message's own array counts as 1.
-        self._result_depth = min(limits.max_depth - 1, _FAST_DEPTH)
+        self._result_depth = min(self._conn.limits.max_depth - 1, FAST_DEPTH)
         self._pack = msgpack.Packer(use_bin_type=True).pack  # what encode() does, reused
         self._next_msgid = 1
         self._waiting: set[int] = set()  # calls whose caller still wants the answer
@@ -286,7 +254,9 @@ class Session:
         """Record ``data`` if it is exactly one successful response to a waiting call and
         nothing is buffered (the request path's case, module docstring); else ``False``,
         and nothing was consumed: the general path decodes ``data``."""
-        if len(data) > self._response_max or not self._conn.idle:
+        # A response this small cannot break a size limit (Connection.one_piece_max): only
+        # its values are checked.
+        if len(data) > self._conn.one_piece_max or not self._conn.idle:
             return False
         try:
             obj = _unpackb(data, raw=False, strict_map_key=False)
@@ -299,7 +269,7 @@ class Session:
         if type(msgid) is not int or msgid not in self._waiting:
             return False
         result = obj[3]
-        if type(result) not in _SCALARS and not _plain(result, self._result_depth):
+        if type(result) not in PLAIN_SCALARS and not plain_value(result, self._result_depth):
             return False
         self._responses[msgid] = (None, result)
         return True

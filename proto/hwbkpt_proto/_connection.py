@@ -54,6 +54,17 @@ Limits, and who enforces each
   that are not str, int or bytes are refused as each container completes (the same
   hooks), and for a message that is not a container, after decoding.
 
+One message in one piece
+------------------------
+Most reads hold exactly one small message with nothing buffered before it: a request in the
+daemon (a client waits for each answer), an answer or a ``stop`` in a client.
+:meth:`Connection.take_request` and :meth:`Connection.take_stop` (and the client's
+``Session._take_response``) decode such a read with one ``unpackb`` and make the checks the
+general path would make of that message: at most :attr:`Connection.one_piece_max` bytes, so
+no size limit can be broken; depth and value types by :func:`plain_value`; the shape as
+:func:`from_wire`. They return ``None`` having consumed nothing whenever they are not sure,
+and the general path then decodes the read or names what is wrong with it (issue 13).
+
 Errors
 ------
 Every exception msgpack raises while decoding is converted into :class:`ProtocolError`
@@ -73,10 +84,20 @@ from typing import Any, NoReturn, TypeVar
 import msgpack
 
 from hwbkpt_proto._errors import ProtocolError
-from hwbkpt_proto._messages import POSITIONAL, Limits, Message, encode, encode_result, from_wire
+from hwbkpt_proto._messages import (
+    MAX_MSGID,
+    POSITIONAL,
+    Limits,
+    Message,
+    Request,
+    _trusted,
+    encode,
+    encode_result,
+    from_wire,
+)
 from hwbkpt_proto._regs import REGS_SIZE
 
-__all__ = ["Connection"]
+__all__ = ["FAST_DEPTH", "ONE_PIECE_MAX", "PLAIN_SCALARS", "Connection", "plain_value"]
 
 _DEFAULT_LIMITS = Limits()
 
@@ -136,6 +157,42 @@ _VALUE_TYPES = frozenset({type(None), bool, int, float, str, bytes, list, dict})
 _KEY_TYPES = frozenset({str, int, bytes})
 _VALUE_NAMES = frozenset(t.__name__ for t in _VALUE_TYPES)
 _KEY_NAMES = frozenset(t.__name__ for t in _KEY_TYPES)
+
+
+# One message decoded in one piece, with one ``unpackb`` and the checks of its shape
+# (Connection.take_request here, the client's Session._take_response): at most this many
+# bytes, so the decoder's work stays small and bounded whatever it is fed.
+ONE_PIECE_MAX = 4096
+#: The types of plain msgpack values that are not containers (no ``ext`` values).
+PLAIN_SCALARS = _VALUE_TYPES - _CONTAINERS
+# Deeper values (a request's params and a daemon's results are 3 deep at most) are left to
+# the general path, so the recursion of plain_value stays short whatever Limits.max_depth is.
+FAST_DEPTH = 16
+# take_request: the bytes a request starts with ([0, msgid, method, params]: fixarray 4,
+# then 0); another encoding of the same values goes the general way.
+_REQUEST_HEAD = b"\x94\x00"
+_STR = frozenset({str})
+
+
+def plain_value(value: Any, depth: int) -> bool:
+    """True if ``value`` is plain msgpack (no ``ext`` values, map keys str, int or bytes)
+    with containers nested at most ``depth`` deep: what :class:`Connection` checks of a
+    decoded message. The types of a container's elements are tested in C (``issuperset``);
+    only nested containers recurse, at most ``depth`` (:data:`FAST_DEPTH`) calls deep."""
+    t = type(value)
+    if t is dict:
+        if not _KEY_TYPES.issuperset(map(type, value)):
+            return False
+        items = value.values()
+    elif t is list:
+        items = value
+    else:
+        return t in PLAIN_SCALARS  # not ExtType or Timestamp
+    if depth < 1:
+        return False
+    if PLAIN_SCALARS.issuperset(map(type, items)):
+        return True
+    return all(type(item) in PLAIN_SCALARS or plain_value(item, depth - 1) for item in items)
 
 
 def _refuse_values(values: Iterable[object]) -> NoReturn:
@@ -251,6 +308,20 @@ class Connection:
         #: Send the hot notifications in their fixed array shape (``encode(positional=)``):
         #: set by the owner once ``hello`` agreed on protocol version 2 or later.
         self.positional = False
+        #: The most bytes a message decoded in one piece may weigh (:meth:`take_request`,
+        #: the client's answers): one this small cannot break a size limit (no array, map,
+        #: string or bin in it can be as long as the message, nor can it hold as many
+        #: arrays and maps), so only its values are checked.
+        self.one_piece_max = min(
+            ONE_PIECE_MAX,
+            limits.max_message_size,
+            limits.max_container_len,
+            limits.max_str_len,
+            limits.max_bin_len,
+        )
+        # Containers a request's params map may nest: the message's array and the params
+        # array around it count as 2 of max_depth. Below 0 even ``[]`` params are too deep.
+        self._params_depth = min(limits.max_depth - 2, FAST_DEPTH)
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -327,6 +398,57 @@ class Connection:
                 self._stops_seen.clear()
             self._stops_seen[head] = (pid, tid, tuple(watches), reason)
         return fields
+
+    def take_request(self, data: bytes) -> Request | None:
+        """The :class:`Request` of ``data`` if it is exactly one request
+        (``[0, msgid, method, params]``) of at most :attr:`one_piece_max` bytes and nothing
+        is buffered; else ``None``, and nothing was consumed: feed ``data`` to
+        :meth:`receive_data`, which decodes it or names what is wrong with it.
+
+        A client doing ``watch`` + ``unwatch`` in a loop sends one small request per read;
+        the general path (feed, parse ahead, the container hooks, :func:`from_wire`) was
+        ~15 % of the daemon's CPU for it (issue 13). This is one ``unpackb`` and the checks
+        the general path makes of such a message: the limits hold by size (see
+        :attr:`one_piece_max`), depth and value types by :func:`plain_value`, the shape as
+        in :func:`from_wire`. Anything it is not sure of — another encoding of the header,
+        a notification, more than one message, a value either path would refuse — returns
+        ``None``. Never raises.
+        """
+        if (
+            not data.startswith(_REQUEST_HEAD)
+            or len(data) > self.one_piece_max
+            or not self.idle
+        ):
+            return None
+        try:
+            obj = _unpackb(data, raw=False, strict_map_key=False)
+        except _DECODE_FAILURES:
+            return None  # not one whole message, or malformed: the general path says which
+        # unpackb took every byte (else ExtraData), and they begin with a fixarray of 4 whose
+        # first element is the positive fixint 0: obj is [0, msgid, method, params].
+        _, msgid, method, params = obj
+        if (
+            type(msgid) is not int
+            or not 0 <= msgid <= MAX_MSGID
+            or type(method) is not str
+            or not method
+            or type(params) is not list
+        ):
+            return None
+        if not params:
+            if self._params_depth < 0:
+                return None
+            named: dict[str, Any] = {}  # as _params_from_wire: a new map per request
+        elif len(params) == 1 and type(params[0]) is dict:
+            named = params[0]
+            if not _STR.issuperset(map(type, named)) or not plain_value(
+                named, self._params_depth
+            ):
+                return None
+        else:
+            return None
+        # Every check of Request.__post_init__ is made above.
+        return _trusted(Request, msgid=msgid, method=method, params=named)
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes read from the peer.
