@@ -413,6 +413,44 @@ def wait_for_hits(load: Load, obs: Observer, n: int) -> None:
     load.stop_observers()
 
 
+def churn_and_check(
+    load: Load,
+    daemon: Daemon,
+    proc: Target,
+    plan: Plan,
+    observers: tuple[Observer, Observer, Observer],
+    *,
+    done: str,
+    writes: int,
+    notified: int,
+    notify_count: bool = True,
+) -> None:
+    """Run three disturbers on ``plan`` while the program runs to its ``done`` line; then
+    the stop, count and notify ``observers`` must have seen all ``writes`` (the notify one
+    ``notified`` hits, and with ``notify_count`` as many in its count), nobody else was told
+    anything, and the daemon lets the program go once every client has left."""
+    stop, count, notify = observers
+    load.disturb(plan, 3)
+    load.start()
+    proc.go()
+    assert proc.line(LOAD_TIMEOUT) == done, load.summary()
+    load.stop_disturbers()
+    wait_for_hits(load, notify, notified)
+    why = load.summary()
+    print(why)
+    check(stop, stop.stops, writes, "stops", why)
+    check(stop, stop.watch.count(), writes, "stop watch's count", why)
+    check(count, count.watch.count(), writes, "count watch's count", why)
+    check(notify, notify.hits + notify.lost, notified, "hits notified or lost", why)
+    if notify_count:
+        check(notify, notify.watch.count(), notified, "notify watch's count", why)
+    assert [e for o in load.observers.values() for e in o.other] == [], why
+    load.close()
+    check_let_go(daemon, proc.pid, load.seed)
+    proc.go()
+    assert proc.wait(TIMEOUT) == 0
+
+
 # --------------------------------------------------------------------------- scenarios
 
 
@@ -427,24 +465,10 @@ def test_observers_keep_every_hit_while_disturbers_churn(
     count = load.observe("obs-count", proc.pid, addr, "count")
     notify = load.observe("obs-notify", proc.pid, addr2, "notify")
     plan = Plan(proc.pid, [proc.pid], [addr, addr2, pair, pair + 8])
-    load.disturb(plan, 3)
-    load.start()
-    proc.go()
-    assert proc.line(LOAD_TIMEOUT) == f"done var={n} pair0=0", load.summary()
-    load.stop_disturbers()
-    wait_for_hits(load, notify, n)
-    why = load.summary()
-    print(why)
-    check(stop, stop.stops, n, "stops", why)
-    check(stop, stop.watch.count(), n, "stop watch's count", why)
-    check(count, count.watch.count(), n, "count watch's count", why)
-    check(notify, notify.hits + notify.lost, n, "hits notified or lost", why)
-    check(notify, notify.watch.count(), n, "notify watch's count", why)
-    assert [e for o in load.observers.values() for e in o.other] == [], why
-    load.close()
-    check_let_go(daemon, proc.pid, load.seed)
-    proc.go()
-    assert proc.wait(TIMEOUT) == 0
+    churn_and_check(
+        load, daemon, proc, plan, (stop, count, notify),
+        done=f"done var={n} pair0=0", writes=n, notified=n,
+    )
 
 
 @pytest.mark.timeout(150)
@@ -467,23 +491,10 @@ def test_process_watches_of_many_threads_under_thread_scoped_churn(
     plan = Plan(
         proc.pid, tids, [addr, slots, slots + 64, slots + 128], scoped=True, debugger=debuggers
     )
-    load.disturb(plan, 3)
-    load.start()
-    proc.go()
-    assert proc.line(LOAD_TIMEOUT) == f"done var={n}", load.summary()
-    load.stop_disturbers()
-    wait_for_hits(load, notify, n)
-    why = load.summary()
-    print(why)
-    check(stop, stop.stops, t * n, "stops", why)
-    check(stop, stop.watch.count(), t * n, "stop watch's count", why)
-    check(count, count.watch.count(), t * n, "count watch's count", why)
-    check(notify, notify.hits + notify.lost, n, "hits notified or lost", why)
-    assert [e for o in load.observers.values() for e in o.other] == [], why
-    load.close()
-    check_let_go(daemon, proc.pid, load.seed)
-    proc.go()
-    assert proc.wait(TIMEOUT) == 0
+    churn_and_check(
+        load, daemon, proc, plan, (stop, count, notify),
+        done=f"done var={n}", writes=t * n, notified=n, notify_count=False,
+    )
 
 
 @pytest.mark.timeout(150)
@@ -498,24 +509,10 @@ def test_debuggers_interrupting_holding_and_poking_registers(
     # On the stop watch's slot: each hit is a ``hit`` event from the stop (not a ring).
     notify = load.observe("obs-notify", proc.pid, addr, "notify")
     plan = Plan(proc.pid, [proc.pid], [addr, addr2, pair], debugger=True)
-    load.disturb(plan, 3)
-    load.start()
-    proc.go()
-    assert proc.line(LOAD_TIMEOUT) == f"done var={n} pair0=0", load.summary()
-    load.stop_disturbers()
-    wait_for_hits(load, notify, n)
-    why = load.summary()
-    print(why)
-    check(stop, stop.stops, n, "stops", why)
-    check(stop, stop.watch.count(), n, "stop watch's count", why)
-    check(count, count.watch.count(), n, "count watch's count", why)
-    check(notify, notify.hits + notify.lost, n, "hits notified or lost", why)
-    check(notify, notify.watch.count(), n, "notify watch's count", why)
-    assert [e for o in load.observers.values() for e in o.other] == [], why
-    load.close()
-    check_let_go(daemon, proc.pid, load.seed)
-    proc.go()
-    assert proc.wait(TIMEOUT) == 0
+    churn_and_check(
+        load, daemon, proc, plan, (stop, count, notify),
+        done=f"done var={n} pair0=0", writes=n, notified=n,
+    )
 
 
 def info_int_line(line: str) -> int:
