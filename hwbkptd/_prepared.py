@@ -87,8 +87,10 @@ class PreparedStops:
             # A held thread resumed by the round runs on as planned: its next stop too —
             # unless a read has counted a hit whose trap is still to come: the round routes
             # by counter deltas, and that one's is gone (SlotRec.unrouted).
-            traps = any(s[2] for s in slots) and not any(
-                s.unrouted for s in thread.slots.values()
+            traps = (
+                any(s[2] for s in slots)
+                and not thread.owed
+                and not any(s.unrouted for s in thread.slots.values())
             )
             if traps or holds:
                 table.append((thread.tid, thread.pid, holds, slots, traps))

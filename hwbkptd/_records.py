@@ -268,6 +268,9 @@ class ThreadRec:
     # Past its PTRACE_EVENT_EXIT: its slots are closed and none is opened again (the
     # kernel may refuse one on the dying thread, or open it for nothing: _stops._on_exit_stop).
     exiting: bool = False
+    # Watches a slot closed for good (preempted, or its spec no longer wanted) had counted a
+    # hit for whose SIGTRAP was still to come (SlotRec.unrouted): that trap tells them.
+    owed: list[WatchRec] = field(default_factory=list)
     # At a stop: the signal it is to resume with and what each client said about it
     # (``hwbkptd._signals``); None while nobody reported or chose a signal.
     signal_stop: SignalStop | None = None

@@ -141,7 +141,7 @@ class SlotHandling:
                     self._reopen_later(thread)
                     slot.watches = watches
                     continue
-                self._close_slot(thread, spec)
+                self._close_slot(thread, spec, reopen=True)
                 owed, slot = self._owed(slot), None
             if slot is None:
                 slot = self._open_slot(thread, spec, mode, filtered, flags)
@@ -252,9 +252,14 @@ class SlotHandling:
         self.counters["slots_opened"] += 1
         return slot
 
-    def _close_slot(self, thread: ThreadRec, spec: Spec) -> None:
+    def _close_slot(self, thread: ThreadRec, spec: Spec, *, reopen: bool = False) -> None:
+        """Close a slot, its counter read a last time. A hit it counted whose SIGTRAP is
+        still to come is owed to its watches: by the event that replaces it (``reopen``,
+        see :meth:`_owed`), else by the thread's next trap (``ThreadRec.owed``)."""
         slot = thread.slots.pop(spec)
         self._refresh(slot)
+        if not reopen:
+            thread.owed.extend(w for w in self._owed(slot) if w not in thread.owed)
         if slot.mode is Mode.NOTIFY or (self._bpf and self._records_of(slot)):
             # Hits still in the ring (and losses the kernel never got to report) belong to
             # the watches of this slot: deliver them before the ring goes.

@@ -91,6 +91,7 @@ class StopHandling:
     _clients: dict[int, ClientRec]
     targets: dict[int, TargetRec]
     _threads: dict[int, ThreadRec]
+    _watches: dict[int, WatchRec]
     counters: dict[str, int]
     on_trap_hook: Callable[[ThreadRec, set[Spec], set[int]], dict[int, int]] | None
     interest_hook: Callable[[int], bool] | None
@@ -112,7 +113,7 @@ class StopHandling:
             self, thread: ThreadRec, fresh: Collection[WatchRec] = (), *, again: bool = True
         ) -> None: ...
         def _reconcile_target(self, target: TargetRec) -> None: ...
-        def _close_slot(self, thread: ThreadRec, spec: Spec) -> None: ...
+        def _close_slot(self, thread: ThreadRec, spec: Spec, *, reopen: bool = False) -> None: ...
         def _refresh(self, slot: SlotRec) -> list[WatchRec]: ...
         def _add_thread(self, target: TargetRec, tid: int, state: ThreadState) -> ThreadRec: ...
         def _ensure_target(self, pid: int) -> TargetRec: ...
@@ -412,11 +413,19 @@ class StopHandling:
                 info.code,
                 info.perf_data,
             )
+        # Hits counted by slots closed since (ThreadRec.owed): told if their watch lives on.
+        owed, thread.owed = thread.owed, []
         if thread.detaching:
             self._resume_now(thread)
             return
         stops: dict[int, list[int]] = defaultdict(list)
         notifies: dict[int, list[int]] = defaultdict(list)
+        for watch in owed:
+            if watch.ended is None and self._watches.get(watch.id) is watch:
+                if watch.mode is Mode.STOP:
+                    stops[watch.client].append(watch.id)
+                elif watch.mode is Mode.NOTIFY:
+                    notifies[watch.client].append(watch.id)
         for spec in hit:
             slot = thread.slots[spec]
             for watch in credited[spec]:

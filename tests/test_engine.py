@@ -1166,3 +1166,28 @@ def test_a_slot_reopened_between_a_hit_and_its_sigtrap_still_reports_it(change: 
         h.engine.resume(1, tid)
         h.settle()
     assert h.engine.count(1, w.id) == 2
+
+
+@pytest.mark.parametrize("how", ["preempted", "spec dropped"])
+def test_a_hit_whose_slot_closed_before_its_trap_still_stops(how: str) -> None:
+    """The slot of a stop watch closes for good between a hit and its SIGTRAP. Preempted
+    by higher-priority watches, the watch lives on (pending) and the hit was its own while
+    it held the slot: the trap still stops for it. Removed, it is owed nothing."""
+    h, [tid] = setup()
+    w = h.engine.watch(1, PID, X, Mode.STOP)
+    assert h.kernel.hit(tid, X.addr, X.length, "w", now=False)  # counted, trap not taken
+    if how == "preempted":
+        for spec in (A, B, C, D):
+            h.engine.watch(2, PID, spec, Mode.COUNT, priority=1)
+        assert X not in installed_specs(h, tid)
+        h.settle()
+        assert [f["watches"] for f in stops(h, 1)] == [[w.id]]
+        h.engine.resume(1, tid)
+    else:
+        h.engine.unwatch(1, w.id)  # gone: its stop is owed to nobody
+        h.settle()
+        assert stops(h, 1) == []
+    h.settle()
+    assert h.kernel.state(tid) == "running"
+    if how == "preempted":
+        assert h.engine.count(1, w.id) == 1
