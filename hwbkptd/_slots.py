@@ -189,12 +189,13 @@ class SlotHandling:
                     )
 
     def _owed(self, slot: SlotRec) -> list[WatchRec]:
-        """The watches a reopened slot's old event counted a hit for whose SIGTRAP is still
-        queued: the new event's trap reports it (``_stops._on_sigtrap``). A reopen happens at
-        a stop, and the interrupt stop that serves it comes before a SIGTRAP already queued
-        (``get_signal``, kernel/signal.c, takes the job-control trap before dequeuing
-        signals), so the old event's last hit may be counted and not yet reported. Notify
-        hits of a slot whose filter program wrote them as records went with its ring."""
+        """The watches a closing slot counted a hit for whose SIGTRAP is still to come (its
+        ``unrouted``), but for notify hits its filter program wrote as records (they went
+        with its ring). The event that replaces it on a reopen reports them, else the
+        thread's next trap (:meth:`_close_slot`). A reopen happens at a stop, and the
+        interrupt stop that serves it comes before a SIGTRAP already queued (``get_signal``,
+        kernel/signal.c, takes the job-control trap before dequeuing signals), so the old
+        event's last hit may be counted and not yet reported."""
         records = self._bpf and bool(slot.filtered)
         return [w for w in slot.unrouted if not (records and w.mode is Mode.NOTIFY)]
 
